@@ -1,0 +1,183 @@
+"""The model contract shared by every family (DESIGN.md section 2).
+
+``SequenceModel`` is what training, scoring, serving and the tests rely on. ``MapModel``
+adds what the HMM families and the GMM share: parameters with priors, estimated MAP by an
+``AutoDelta`` guide that the module owns, so the learnable tensors are the module's
+``parameters()`` and a checkpoint is its ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions import Distribution
+from pyro.infer.autoguide import AutoDelta
+from pyro.nn import PyroModule
+from torch.distributions import transform_to
+
+
+class SequenceModel(PyroModule):
+    """Base of every family: records its configuration and declares the contract.
+
+    Sequence data is ``x`` ``(N, T, D)`` float with ``lengths`` ``(N,)`` int64; frames past a
+    sequence's length are padding. Mixtures take points ``x`` ``(N, D)`` and no lengths.
+    """
+
+    family: ClassVar[str]
+    exact: ClassVar[bool] = True  # False where log_likelihood is a bound (DMM)
+
+    def __init__(self, data_dim: int, hidden_dim: int, **hparams: Any) -> None:
+        super().__init__()
+        if data_dim < 1 or hidden_dim < 1:
+            raise ValueError(
+                f"{self.family}: data_dim and hidden_dim must be >= 1, "
+                f"got data_dim={data_dim}, hidden_dim={hidden_dim}"
+            )
+        self.data_dim = int(data_dim)
+        self.hidden_dim = int(hidden_dim)
+        self.hparams = dict(hparams)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Everything ``build_model`` needs to rebuild this model (JSON-serialisable)."""
+        return {
+            "family": self.family,
+            "data_dim": self.data_dim,
+            "hidden_dim": self.hidden_dim,
+            **self.hparams,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers(), next(self.parameters())).device
+
+    @classmethod
+    def hparam_names(cls) -> list[str]:
+        """The keyword hyperparameters this family accepts besides data_dim and hidden_dim."""
+        signature = inspect.signature(cls.__init__)
+        return [
+            name
+            for name, p in signature.parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        ]
+
+    def training_kwargs(self, epoch: int, num_epochs: int) -> dict[str, Any]:
+        """Extra keyword arguments for ``model`` and ``guide`` at an epoch (e.g. KL annealing)."""
+        return {}
+
+    # The contract; each family implements these.
+    def model(self, x: torch.Tensor, lengths: torch.Tensor | None, scale: float = 1.0):
+        """Pyro model for SVI; ``scale`` weighs the data term (full size / batch size)."""
+        raise NotImplementedError
+
+    def guide(self, x: torch.Tensor, lengths: torch.Tensor | None, scale: float = 1.0):
+        raise NotImplementedError
+
+    def log_likelihood(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N,)`` log p(x) in nats (a bound where ``exact`` is False)."""
+        return self.log_likelihood_steps(x, lengths).sum(-1)
+
+    def log_likelihood_steps(
+        self, x: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(N, T)`` per-step increments log p(x_t | x_<t), zero at padding."""
+        raise NotImplementedError
+
+    def decode(self, x: torch.Tensor, lengths: torch.Tensor | None = None):
+        raise NotImplementedError
+
+    def posterior(self, x: torch.Tensor, lengths: torch.Tensor | None = None):
+        raise NotImplementedError
+
+    def sample(self, num_sequences: int, length: int | None = None, seed: int = 0):
+        raise NotImplementedError
+
+
+class MapModel(SequenceModel):
+    """A model whose parameters have priors and are point-estimated (MAP) by ``AutoDelta``.
+
+    Subclasses define ``priors()`` (site name -> distribution whose event covers the whole
+    tensor), ``init_parameters`` (a random initialisation, optionally informed by data) and
+    ``log_likelihood_of(params, x, lengths)``, which must accept parameters with extra
+    leading batch dimensions ``(R, ...)`` and return ``(R, N)``: that is what lets
+    best-of-N screening score every initialisation in one batched pass.
+    Subclasses call ``self._setup_guide()`` at the end of ``__init__``.
+    """
+
+    def priors(self) -> dict[str, Distribution]:
+        raise NotImplementedError
+
+    def init_parameters(
+        self,
+        x: torch.Tensor | None,
+        lengths: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> dict[str, torch.Tensor]:
+        """A random initialisation (data-informed when ``x`` is given) of every parameter."""
+        raise NotImplementedError
+
+    def log_likelihood_of(
+        self,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        lengths: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``(..., N)`` log-likelihood under ``params`` with leading batch shape ``(...)``."""
+        raise NotImplementedError
+
+    def _setup_guide(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        values = self.init_parameters(None, None, generator)
+        self.map_guide = AutoDelta(
+            self._sample_parameters, init_loc_fn=lambda site: values[site["name"]]
+        )
+        with poutine.block(), torch.no_grad():
+            self.map_guide()
+
+    def _sample_parameters(self) -> dict[str, torch.Tensor]:
+        return {name: pyro.sample(name, prior) for name, prior in self.priors().items()}
+
+    def map_values(self) -> dict[str, torch.Tensor]:
+        """The current MAP parameters, constrained and differentiable."""
+        return {name: getattr(self.map_guide, name) for name in self.priors()}
+
+    def get_parameters(self) -> dict[str, torch.Tensor]:
+        """The current parameters as plain (detached) tensors, in probability space."""
+        return {name: value.detach().clone() for name, value in self.map_values().items()}
+
+    def set_parameters(self, **values: torch.Tensor) -> None:
+        """Overwrite some or all parameters in place (optimiser state stays attached)."""
+        priors = self.priors()
+        for name, value in values.items():
+            if name not in priors:
+                raise ValueError(
+                    f"{self.family}: unknown parameter {name!r}; expected one of {sorted(priors)}"
+                )
+            current = getattr(self.map_guide, f"{name}_unconstrained")
+            value = torch.as_tensor(value, dtype=current.dtype, device=current.device)
+            if value.shape != current.shape:
+                raise ValueError(
+                    f"{self.family}: parameter {name!r} must have shape "
+                    f"{tuple(current.shape)}, got {tuple(value.shape)}"
+                )
+            support = priors[name].support
+            if not bool(support.check(value).all()):
+                raise ValueError(f"{self.family}: parameter {name!r} is outside {support}")
+            with torch.no_grad():
+                current.copy_(transform_to(support).inv(value))
+
+    def log_prior_of(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(...)`` log prior density of parameters with leading batch shape ``(...)``."""
+        return sum(prior.log_prob(params[name]) for name, prior in self.priors().items())
+
+    def model(self, x: torch.Tensor, lengths: torch.Tensor | None, scale: float = 1.0):
+        params = self._sample_parameters()
+        log_likelihood = self.log_likelihood_of(params, x, lengths).sum()
+        pyro.factor("log_likelihood", scale * log_likelihood)
+
+    def guide(self, x: torch.Tensor, lengths: torch.Tensor | None, scale: float = 1.0):
+        return self.map_guide()

@@ -1,0 +1,5 @@
+from .base import SequenceModel
+
+
+class DeepMarkovModel(SequenceModel):  # placeholder, being written
+    family = "dmm"

@@ -1,0 +1,5 @@
+from .base import SequenceModel
+
+
+class GaussianMixture(SequenceModel):  # placeholder, being written
+    family = "gmm"
