@@ -58,12 +58,13 @@ class SequenceModel(PyroModule):
     @classmethod
     def hparam_names(cls) -> list[str]:
         """The keyword hyperparameters this family accepts besides data_dim and hidden_dim."""
-        signature = inspect.signature(cls.__init__)
-        return [
-            name
-            for name, p in signature.parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
-        ]
+        names = []
+        for klass in cls.__mro__:
+            if "__init__" in vars(klass) and issubclass(klass, SequenceModel):
+                for name, p in inspect.signature(klass.__init__).parameters.items():
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in names:
+                        names.append(name)
+        return names
 
     def training_kwargs(self, epoch: int, num_epochs: int) -> dict[str, Any]:
         """Extra keyword arguments for ``model`` and ``guide`` at an epoch (e.g. KL annealing)."""
@@ -108,7 +109,13 @@ class MapModel(SequenceModel):
     Subclasses call ``self._setup_guide()`` at the end of ``__init__``.
     """
 
+    def __init__(self, data_dim: int, hidden_dim: int, **hparams: Any) -> None:
+        super().__init__(data_dim, hidden_dim, **hparams)
+        # dtype and device of the priors, moved by .to() / .double() with the module
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+
     def priors(self) -> dict[str, Distribution]:
+        """Site name -> prior; build them on ``self._anchor``'s dtype and device."""
         raise NotImplementedError
 
     def init_parameters(

@@ -1,5 +1,103 @@
-from .base import SequenceModel
+"""``gaussian-hmm``: K states with diagonal Gaussian emissions and a learned initial
+distribution, the model of hmmlearn's ``GaussianHMM(covariance_type="diag")``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro import distributions as dist
+
+from ..inference import frame_mask
+from .hmm_base import HMMFamily
+from .parts import flat_dirichlet, sticky_dirichlet, sticky_simplex, uniform_simplex
 
 
-class GaussianHMM(SequenceModel):  # placeholder, being written
+def gaussian_log_probs(x: torch.Tensor, means: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Diagonal Gaussian log-density of every frame under every state.
+
+    :param x: ``(..., D)`` frames (any leading shape, e.g. ``(N, T)``).
+    :param means: ``(B..., S, D)``; ``scales``: ``(B..., S, D)`` standard deviations.
+    :returns: ``(B..., ..., S)``.
+    """
+    batch = means.shape[:-2]
+    means = means.reshape(*batch, *[1] * (x.dim() - 1), *means.shape[-2:])
+    scales = scales.reshape(means.shape)
+    z = (x.unsqueeze(-2) - means) / scales
+    return -0.5 * (z * z).sum(-1) - scales.log().sum(-1) - 0.5 * x.shape[-1] * math.log(2 * math.pi)
+
+
+def gaussian_init(
+    num_states: int, points: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``means`` at distinct data points (repeated if there are fewer points than
+    states) and ``scales`` at the data's spread per dimension, both ``(K, D)``.
+
+    :param points: ``(P, D)`` real data points (frames).
+    """
+    points = points.cpu()
+    chosen = torch.randperm(len(points), generator=generator)[:num_states]
+    chosen = chosen.repeat(math.ceil(num_states / len(chosen)))[:num_states]
+    scales = points.std(0).clamp_min(1e-3) if len(points) > 1 else torch.ones(points.shape[-1])
+    return points[chosen].clone(), scales.expand(num_states, -1).clone()
+
+
+class GaussianHMM(HMMFamily):
+    """Parameters ``initial`` ``(K,)``, ``transition`` ``(K, K)``, ``means`` ``(K, D)``,
+    ``scales`` ``(K, D)`` (standard deviations). Priors: flat Dirichlet on ``initial``,
+    sticky Dirichlet on transition rows, ``Normal(0, prior_mean_scale)`` on means and
+    ``LogNormal(0, prior_log_scale)`` on scales (weak by default: scale your data)."""
+
     family = "gaussian-hmm"
+
+    def __init__(
+        self,
+        data_dim: int,
+        hidden_dim: int,
+        *,
+        prior_sticky: float = 0.9,
+        prior_smooth: float = 0.1,
+        prior_initial: float = 1.0,
+        prior_mean_scale: float = 10.0,
+        prior_log_scale: float = 2.0,
+    ) -> None:
+        super().__init__(
+            data_dim,
+            hidden_dim,
+            prior_sticky=prior_sticky,
+            prior_smooth=prior_smooth,
+            prior_initial=prior_initial,
+            prior_mean_scale=prior_mean_scale,
+            prior_log_scale=prior_log_scale,
+        )
+        self._setup_guide()
+
+    def priors(self):
+        K, D, h, zero = self.hidden_dim, self.data_dim, self.hparams, self._anchor
+        return {
+            "initial": flat_dirichlet((K,), h["prior_initial"], zero),
+            "transition": sticky_dirichlet(K, h["prior_sticky"], h["prior_smooth"], zero),
+            "means": dist.Normal(zero, h["prior_mean_scale"]).expand([K, D]).to_event(2),
+            "scales": dist.LogNormal(zero, h["prior_log_scale"]).expand([K, D]).to_event(2),
+        }
+
+    def init_parameters(self, x, lengths, generator):
+        K, D = self.hidden_dim, self.data_dim
+        if x is None:
+            means, scales = torch.randn((K, D), generator=generator), torch.ones(K, D)
+        else:
+            means, scales = gaussian_init(K, x[frame_mask(lengths, x.shape[1])], generator)
+        return {
+            "initial": uniform_simplex((K,), generator),
+            "transition": sticky_simplex((K, K), generator),
+            "means": means,
+            "scales": scales,
+        }
+
+    def emission_log_probs(self, params, x):
+        return gaussian_log_probs(x.to(params["means"].dtype), params["means"], params["scales"])
+
+    def sample_emissions(self, params, states, generator):
+        means, scales = params["means"][states], params["scales"][states]
+        noise = torch.randn(means.shape, generator=generator, device=means.device)
+        return means + scales * noise

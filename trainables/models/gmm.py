@@ -1,5 +1,136 @@
-from .base import SequenceModel
+"""``gmm``: a Gaussian mixture of K components in D dimensions (the GMM tutorial seed),
+with the assignments summed out exactly (logsumexp over components)."""
+
+from __future__ import annotations
+
+import torch
+from pyro import distributions as dist
+
+from .base import MapModel
+from .gaussian_hmm import gaussian_init, gaussian_log_probs
+from .parts import flat_dirichlet, safe_log
+
+#: variance structure -> shape of ``scales`` as a function of (K, D)
+VARIANCES = {
+    "global": lambda K, D: (),
+    "component": lambda K, D: (K,),
+    "dimension": lambda K, D: (D,),
+    "component-dimension": lambda K, D: (K, D),
+}
 
 
-class GaussianMixture(SequenceModel):  # placeholder, being written
+class GaussianMixture(MapModel):
+    """Parameters ``weights`` ``(K,)``, ``locs`` ``(K, D)`` and ``scales`` (standard
+    deviations) shaped by ``variance``: ``global`` ``()``, ``component`` ``(K,)``,
+    ``dimension`` ``(D,)`` or ``component-dimension`` ``(K, D)``. Priors as in the
+    tutorial: ``Dirichlet(prior_weight)``, ``Normal(0, prior_loc_scale)`` and
+    ``LogNormal(0, prior_log_scale)``.
+
+    Data are points ``x`` ``(N, D)``; ``lengths`` is not used.
+    """
+
     family = "gmm"
+
+    def __init__(
+        self,
+        data_dim: int,
+        hidden_dim: int,
+        *,
+        variance: str = "component-dimension",
+        prior_weight: float = 0.5,
+        prior_loc_scale: float = 4.0,
+        prior_log_scale: float = 0.5,
+    ) -> None:
+        if variance not in VARIANCES:
+            raise ValueError(f"gmm: variance must be one of {sorted(VARIANCES)}, got {variance!r}")
+        super().__init__(
+            data_dim,
+            hidden_dim,
+            variance=variance,
+            prior_weight=prior_weight,
+            prior_loc_scale=prior_loc_scale,
+            prior_log_scale=prior_log_scale,
+        )
+        self._setup_guide()
+
+    @property
+    def scale_shape(self) -> tuple[int, ...]:
+        return VARIANCES[self.hparams["variance"]](self.hidden_dim, self.data_dim)
+
+    def priors(self):
+        K, D, h, zero = self.hidden_dim, self.data_dim, self.hparams, self._anchor
+        shape = self.scale_shape
+        return {
+            "weights": flat_dirichlet((K,), h["prior_weight"], zero),
+            "locs": dist.Normal(zero, h["prior_loc_scale"]).expand([K, D]).to_event(2),
+            "scales": dist.LogNormal(zero, h["prior_log_scale"]).expand(shape).to_event(len(shape)),
+        }
+
+    def init_parameters(self, x, lengths, generator):
+        K, D = self.hidden_dim, self.data_dim
+        if x is None:
+            locs, scales = torch.randn((K, D), generator=generator), torch.ones(K, D)
+        else:
+            locs, scales = gaussian_init(K, x, generator)
+            scales = scales / 2**0.5  # the tutorial's sqrt(var / 2)
+        reduce = {
+            "global": lambda s: s.mean(),
+            "component": lambda s: s.mean(-1),
+            "dimension": lambda s: s[0],
+            "component-dimension": lambda s: s,
+        }[self.hparams["variance"]]
+        return {"weights": torch.full((K,), 1.0 / K), "locs": locs, "scales": reduce(scales)}
+
+    def component_scales(self, scales: torch.Tensor) -> torch.Tensor:
+        """``scales`` of any variance structure (with leading batch dims) as ``(..., K, D)``."""
+        K, D = self.hidden_dim, self.data_dim
+        variance = self.hparams["variance"]
+        if variance == "global":
+            scales = scales[..., None, None]
+        elif variance == "component":
+            scales = scales[..., :, None]
+        elif variance == "dimension":
+            scales = scales[..., None, :]
+        return scales.expand(*scales.shape[:-2], K, D)
+
+    def joint_log_probs(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``(..., N, K)`` log p(x_n, component k) for points ``x`` ``(N, D)``."""
+        locs = params["locs"]
+        log_density = gaussian_log_probs(
+            x.to(locs.dtype), locs, self.component_scales(params["scales"])
+        )
+        return safe_log(params["weights"]).unsqueeze(-2) + log_density
+
+    def log_likelihood_of(self, params, x, lengths=None):
+        return self.joint_log_probs(params, x).logsumexp(-1)
+
+    def log_likelihood_steps(self, x, lengths=None):
+        """``(N, 1)``: a mixture has one step per point."""
+        return self.log_likelihood_of(self.map_values(), x).unsqueeze(-1)
+
+    @torch.no_grad()
+    def decode(self, x, lengths=None):
+        """MAP assignment ``(N,)`` int64 and its joint log p(x_n, k*) ``(N,)``."""
+        log_joint, assignment = self.joint_log_probs(self.map_values(), x).max(-1)
+        return assignment, log_joint
+
+    @torch.no_grad()
+    def posterior(self, x, lengths=None):
+        """Responsibilities ``(N, K)``."""
+        return self.joint_log_probs(self.map_values(), x).softmax(-1)
+
+    @torch.no_grad()
+    def sample(self, num_sequences, length=None, seed=0):
+        """``num_sequences`` points ``(N, D)`` and their components ``(N,)``; ``length``
+        is ignored (a point has no time axis)."""
+        if num_sequences < 1:
+            raise ValueError(f"gmm: sample needs num_sequences >= 1, got {num_sequences}")
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        params = self.map_values()
+        assignment = torch.multinomial(
+            params["weights"], num_sequences, replacement=True, generator=generator
+        )
+        locs = params["locs"][assignment]
+        scales = self.component_scales(params["scales"])[assignment]
+        noise = torch.randn(locs.shape, generator=generator, device=locs.device)
+        return locs + scales * noise, assignment

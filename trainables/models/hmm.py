@@ -1,9 +1,359 @@
-from .base import SequenceModel
+"""The discrete-state HMM families of Pyro's ``examples/hmm.py`` for binary frames
+(e.g. 88-key piano rolls), each reduced to factors of the exact engine.
 
-# placeholders, being written
-class BernoulliHMM(SequenceModel): family = "hmm"
-class AutoregressiveHMM(SequenceModel): family = "arhmm"
-class FactorialHMM(SequenceModel): family = "fhmm"
-class PartiallyFactorialHMM(SequenceModel): family = "pfhmm"
-class SecondOrderHMM(SequenceModel): family = "hmm2"
-class NeuralHMM(SequenceModel): family = "nnhmm"
+| family | examples/hmm.py | states | emission |
+| --- | --- | --- | --- |
+| ``hmm`` | model_1 | K | Bernoulli per key given z_t |
+| ``arhmm`` | model_2 | K | Bernoulli per key given z_t and that key at t-1 |
+| ``fhmm`` | model_3 | (w, x), sqrt(K) each, independent chains | given (w_t, x_t) |
+| ``pfhmm`` | model_4 | (w, x), x_t depends on w_t and x_{t-1} | given (w_t, x_t) |
+| ``hmm2`` | model_6 | pairs (z_{t-1}, z_t) of K states | given z_t |
+| ``nnhmm`` | model_5 | K | neural net of z_t and all keys at t-1 |
+
+Unlike the examples, every family learns its own initial distribution (the examples
+start every chain in state 0). For ``fhmm`` and ``pfhmm`` ``hidden_dim`` is the size of
+the product space, a perfect square, as in the examples; states are reported as
+``w * sqrt(K) + x``. ``hmm2``'s pair chain starts from ``initial`` over
+``(z_{-1}, z_0)`` flattened; it reports z_t.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .hmm_base import HMMFamily
+from .parts import (
+    bernoulli_init,
+    bernoulli_log_probs,
+    beta_prior,
+    flat_dirichlet,
+    safe_log,
+    sticky_dirichlet,
+    sticky_simplex,
+    uniform_simplex,
+)
+
+
+class BernoulliChainHMM(HMMFamily):
+    """Shared priors of the binary-frame families (Pyro's ``examples/hmm.py``): a sticky
+    ``Dirichlet(sticky * I + smooth)`` on every transition row, ``Beta(a, b)`` on every
+    emission probability and a flat ``Dirichlet(initial)`` on initial distributions."""
+
+    def __init__(
+        self,
+        data_dim: int,
+        hidden_dim: int,
+        *,
+        prior_sticky: float = 0.9,
+        prior_smooth: float = 0.1,
+        prior_emission_a: float = 0.1,
+        prior_emission_b: float = 0.9,
+        prior_initial: float = 1.0,
+        **hparams,
+    ) -> None:
+        super().__init__(
+            data_dim,
+            hidden_dim,
+            prior_sticky=prior_sticky,
+            prior_smooth=prior_smooth,
+            prior_emission_a=prior_emission_a,
+            prior_emission_b=prior_emission_b,
+            prior_initial=prior_initial,
+            **hparams,
+        )
+
+    def _transition_prior(self, num_states: int, *batch: int):
+        prior = sticky_dirichlet(
+            num_states, self.hparams["prior_sticky"], self.hparams["prior_smooth"], self._anchor
+        )
+        return prior.expand_by(batch).to_event(len(batch)) if batch else prior
+
+    def _initial_prior(self, *shape: int):
+        return flat_dirichlet(shape, self.hparams["prior_initial"], self._anchor)
+
+    def _emission_prior(self, *shape: int):
+        a, b = self.hparams["prior_emission_a"], self.hparams["prior_emission_b"]
+        return beta_prior(shape, a, b, self._anchor)
+
+    def sample_emissions(self, params, states, generator):
+        probs = self.state_emission_probs(params)[states]
+        return (torch.rand(probs.shape, generator=generator, device=probs.device) < probs).to(
+            probs.dtype
+        )
+
+    def state_emission_probs(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(S, D)`` key probabilities of every engine state (state-only emissions)."""
+        raise NotImplementedError
+
+    def emission_log_probs(self, params, x):
+        return bernoulli_log_probs(x, self.state_emission_probs(params))
+
+
+class BernoulliHMM(BernoulliChainHMM):
+    """``hmm``: K states, a Bernoulli per key given the state (examples/hmm.py model_1).
+
+    Parameters: ``initial`` ``(K,)``, ``transition`` ``(K, K)``, ``emission_probs`` ``(K, D)``.
+    """
+
+    family = "hmm"
+
+    def __init__(self, data_dim: int, hidden_dim: int, **hparams) -> None:
+        super().__init__(data_dim, hidden_dim, **hparams)
+        self._setup_guide()
+
+    def priors(self):
+        K, D = self.hidden_dim, self.data_dim
+        return {
+            "initial": self._initial_prior(K),
+            "transition": self._transition_prior(K),
+            "emission_probs": self._emission_prior(K, D),
+        }
+
+    def init_parameters(self, x, lengths, generator):
+        K, D = self.hidden_dim, self.data_dim
+        return {
+            "initial": uniform_simplex((K,), generator),
+            "transition": sticky_simplex((K, K), generator),
+            "emission_probs": bernoulli_init((K, D), x, lengths, generator),
+        }
+
+    def state_emission_probs(self, params):
+        return params["emission_probs"]
+
+
+class AutoregressiveHMM(BernoulliHMM):
+    """``arhmm``: each key also depends on itself at the previous frame (model_2).
+
+    ``emission_probs`` ``(K, 2, D)``: ``[k, v, d]`` is p(key d on | state k, key d was v);
+    before the first frame every key counts as off.
+    """
+
+    family = "arhmm"
+
+    def priors(self):
+        priors = super().priors()
+        priors["emission_probs"] = self._emission_prior(self.hidden_dim, 2, self.data_dim)
+        return priors
+
+    def init_parameters(self, x, lengths, generator):
+        params = super().init_parameters(x, lengths, generator)
+        K, D = self.hidden_dim, self.data_dim
+        params["emission_probs"] = bernoulli_init((K, 2, D), x, lengths, generator)
+        return params
+
+    def emission_log_probs(self, params, x):
+        was_on = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1).to(
+            params["emission_probs"].dtype
+        )
+        probs = params["emission_probs"]
+        return bernoulli_log_probs(x, probs[..., 0, :], 1 - was_on) + bernoulli_log_probs(
+            x, probs[..., 1, :], was_on
+        )
+
+    def sample_emissions(self, params, states, generator):
+        probs = params["emission_probs"]
+        keys = torch.arange(self.data_dim, device=probs.device)
+        frame = torch.zeros(states.shape[0], self.data_dim, dtype=torch.long, device=probs.device)
+        frames = []
+        for t in range(states.shape[1]):
+            p = probs[states[:, t, None], frame, keys]
+            frame = (torch.rand(p.shape, generator=generator, device=p.device) < p).long()
+            frames.append(frame)
+        return torch.stack(frames, 1).to(probs.dtype)
+
+
+class _TwoChainHMM(BernoulliChainHMM):
+    """Two chains w and x of ``sqrt(K)`` states each, emitting given the pair."""
+
+    def __init__(self, data_dim: int, hidden_dim: int, **hparams) -> None:
+        super().__init__(data_dim, hidden_dim, **hparams)
+        self.chain_dim = math.isqrt(hidden_dim)
+        if self.chain_dim**2 != hidden_dim:
+            raise ValueError(
+                f"{self.family}: hidden_dim is the size of the product state space and must "
+                f"be a perfect square (4, 9, 16, ...), got {hidden_dim}"
+            )
+        self._setup_guide()
+
+    def state_emission_probs(self, params):
+        return params["emission_probs"].flatten(-3, -2)
+
+
+class FactorialHMM(_TwoChainHMM):
+    """``fhmm``: two independent chains (model_3). Parameters ``initial_w``, ``initial_x``
+    ``(C,)``, ``transition_w``, ``transition_x`` ``(C, C)``, ``emission_probs``
+    ``(C, C, D)`` with ``C = sqrt(K)``."""
+
+    family = "fhmm"
+
+    def priors(self):
+        C, D = self.chain_dim, self.data_dim
+        return {
+            "initial_w": self._initial_prior(C),
+            "initial_x": self._initial_prior(C),
+            "transition_w": self._transition_prior(C),
+            "transition_x": self._transition_prior(C),
+            "emission_probs": self._emission_prior(C, C, D),
+        }
+
+    def init_parameters(self, x, lengths, generator):
+        C, D = self.chain_dim, self.data_dim
+        return {
+            "initial_w": uniform_simplex((C,), generator),
+            "initial_x": uniform_simplex((C,), generator),
+            "transition_w": sticky_simplex((C, C), generator),
+            "transition_x": sticky_simplex((C, C), generator),
+            "emission_probs": bernoulli_init((C, C, D), x, lengths, generator),
+        }
+
+    def chain_factors(self, params):
+        init_w, init_x = safe_log(params["initial_w"]), safe_log(params["initial_x"])
+        trans_w, trans_x = safe_log(params["transition_w"]), safe_log(params["transition_x"])
+        log_init = (init_w[..., :, None] + init_x[..., None, :]).flatten(-2)
+        log_trans = trans_w[..., :, None, :, None] + trans_x[..., None, :, None, :]
+        return log_init, log_trans.flatten(-4, -3).flatten(-2)
+
+
+class PartiallyFactorialHMM(_TwoChainHMM):
+    """``pfhmm``: x_t depends on w_t and x_{t-1} (model_4). Parameters ``initial_w``
+    ``(C,)``, ``initial_x`` ``(C, C)`` (given w_0), ``transition_w`` ``(C, C)``,
+    ``transition_x`` ``(C, C, C)`` indexed ``[w_t, x_{t-1}, x_t]``, ``emission_probs``
+    ``(C, C, D)``."""
+
+    family = "pfhmm"
+
+    def priors(self):
+        C, D = self.chain_dim, self.data_dim
+        return {
+            "initial_w": self._initial_prior(C),
+            "initial_x": self._initial_prior(C, C),
+            "transition_w": self._transition_prior(C),
+            "transition_x": self._transition_prior(C, C),
+            "emission_probs": self._emission_prior(C, C, D),
+        }
+
+    def init_parameters(self, x, lengths, generator):
+        C, D = self.chain_dim, self.data_dim
+        return {
+            "initial_w": uniform_simplex((C,), generator),
+            "initial_x": uniform_simplex((C, C), generator),
+            "transition_w": sticky_simplex((C, C), generator),
+            "transition_x": sticky_simplex((C, C, C), generator),
+            "emission_probs": bernoulli_init((C, C, D), x, lengths, generator),
+        }
+
+    def chain_factors(self, params):
+        init_w, init_x = safe_log(params["initial_w"]), safe_log(params["initial_x"])
+        trans_w, trans_x = safe_log(params["transition_w"]), safe_log(params["transition_x"])
+        log_init = (init_w[..., :, None] + init_x).flatten(-2)
+        # [w, x, w', x'] = log p(w' | w) + log p(x' | w', x)
+        log_trans = trans_w[..., :, None, :, None] + trans_x.transpose(-3, -2).unsqueeze(-4)
+        return log_init, log_trans.flatten(-4, -3).flatten(-2)
+
+
+class SecondOrderHMM(BernoulliChainHMM):
+    """``hmm2``: z_t depends on z_{t-1} and z_{t-2} (model_6), run as a first-order chain
+    on pairs. Parameters ``initial`` ``(K * K,)`` over ``(z_{-1}, z_0)``, ``transition``
+    ``(K, K, K)`` indexed ``[z_{t-2}, z_{t-1}, z_t]``, ``emission_probs`` ``(K, D)``."""
+
+    family = "hmm2"
+
+    def __init__(self, data_dim: int, hidden_dim: int, **hparams) -> None:
+        super().__init__(data_dim, hidden_dim, **hparams)
+        self._setup_guide()
+
+    def priors(self):
+        K, D = self.hidden_dim, self.data_dim
+        return {
+            "initial": self._initial_prior(K * K),
+            "transition": self._transition_prior(K, K),
+            "emission_probs": self._emission_prior(K, D),
+        }
+
+    def init_parameters(self, x, lengths, generator):
+        K, D = self.hidden_dim, self.data_dim
+        return {
+            "initial": uniform_simplex((K * K,), generator),
+            "transition": sticky_simplex((K, K, K), generator),
+            "emission_probs": bernoulli_init((K, D), x, lengths, generator),
+        }
+
+    def chain_factors(self, params):
+        K = self.hidden_dim
+        trans = safe_log(params["transition"])
+        # [a, b, b', c] = log p(c | a, b) where b' == b, impossible otherwise
+        consistent = torch.eye(K, dtype=torch.bool, device=trans.device)[:, :, None]
+        log_trans = torch.where(consistent, trans.unsqueeze(-2), -torch.inf)
+        return safe_log(params["initial"]), log_trans.flatten(-4, -3).flatten(-2)
+
+    def state_emission_probs(self, params):
+        probs = params["emission_probs"]  # pair (a, b) at a * K + b emits as state b
+        return probs.unsqueeze(-3).expand(*probs.shape[:-2], self.hidden_dim, *probs.shape[-2:]).flatten(-3, -2)
+
+    def output_states(self, states):
+        return torch.where(states >= 0, states % self.hidden_dim, states)
+
+    def output_marginals(self, marginals):
+        return marginals.unflatten(-1, (self.hidden_dim, self.hidden_dim)).sum(-2)
+
+
+class TonesGenerator(nn.Module):
+    """Emission net of ``nnhmm``: logits of every key given the state and the previous
+    frame, through a 1-D convolution over keys (Pyro's examples/hmm.py ``TonesGenerator``)."""
+
+    def __init__(self, data_dim: int, hidden_dim: int, nn_dim: int, nn_channels: int) -> None:
+        super().__init__()
+        self.state_to_hidden = nn.Embedding(hidden_dim, nn_dim)
+        self.conv = nn.Conv1d(1, nn_channels, 3, padding=1)
+        self.frame_to_hidden = nn.Linear(nn_channels * data_dim, nn_dim)
+        self.hidden_to_logits = nn.Linear(nn_dim, data_dim)
+
+    def forward(self, previous: torch.Tensor) -> torch.Tensor:
+        """``previous`` ``(..., D)`` frames -> logits ``(..., K, D)`` for every state."""
+        conv = torch.relu(self.conv(previous.reshape(-1, 1, previous.shape[-1])))
+        frame_hidden = self.frame_to_hidden(conv.flatten(1)).reshape(*previous.shape[:-1], 1, -1)
+        hidden = torch.relu(frame_hidden + self.state_to_hidden.weight)
+        return self.hidden_to_logits(hidden)
+
+
+class NeuralHMM(BernoulliHMM):
+    """``nnhmm``: K states, keys emitted by a neural net of the state and the previous frame
+    (model_5). MAP ``initial`` ``(K,)`` and ``transition`` ``(K, K)``; the net's weights are
+    plain (maximum-likelihood) parameters of the module."""
+
+    family = "nnhmm"
+
+    def __init__(
+        self, data_dim: int, hidden_dim: int, *, nn_dim: int = 48, nn_channels: int = 2, **hparams
+    ) -> None:
+        super().__init__(data_dim, hidden_dim, nn_dim=nn_dim, nn_channels=nn_channels, **hparams)
+        self.tones = TonesGenerator(data_dim, hidden_dim, nn_dim, nn_channels)
+
+    def priors(self):
+        priors = super().priors()
+        del priors["emission_probs"]
+        return priors
+
+    def init_parameters(self, x, lengths, generator):
+        params = super().init_parameters(x, lengths, generator)
+        del params["emission_probs"]
+        return params
+
+    def emission_log_probs(self, params, x):
+        previous = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
+        logits = self.tones(previous)
+        x = x.unsqueeze(-2)
+        return (x * logits - nn.functional.softplus(logits)).sum(-1)
+
+    def sample_emissions(self, params, states, generator):
+        frame = torch.zeros(states.shape[0], self.data_dim, device=states.device)
+        frames = []
+        for t in range(states.shape[1]):
+            logits = self.tones(frame)[torch.arange(states.shape[0]), states[:, t]]
+            p = torch.sigmoid(logits)
+            frame = (torch.rand(p.shape, generator=generator, device=p.device) < p).to(p.dtype)
+            frames.append(frame)
+        return torch.stack(frames, 1)

@@ -1,0 +1,93 @@
+"""What every HMM-like family shares: the contract, implemented once on the exact engine.
+
+A family only says how its parameters become the three factors of
+:mod:`trainables.inference` over its state space of size ``S`` (a product space for
+factorial and second-order chains) and how to sample its emissions; training, scoring,
+decoding, posteriors and sampling all go through the same engine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import inference
+from .base import MapModel
+from .parts import safe_log
+
+
+class HMMFamily(MapModel):
+    """Base of the HMM families. Subclasses implement ``chain_factors``,
+    ``emission_log_probs`` and ``sample_emissions``; product-space families may override
+    ``output_states`` / ``output_marginals`` to report in the user's state space."""
+
+    # Hooks for the families. ``params`` may carry leading batch dims (...).
+    def chain_factors(self, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log_init`` ``(..., S)`` and ``log_trans`` ``(..., S, S)``; by default from the
+        single chain's ``initial`` and ``transition``."""
+        return safe_log(params["initial"]), safe_log(params["transition"])
+
+    def emission_log_probs(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``(..., N, T, S)`` log p(x_t | state, earlier frames) for ``x`` ``(N, T, D)``."""
+        raise NotImplementedError
+
+    def sample_emissions(
+        self, params: dict[str, torch.Tensor], states: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """``(N, T, D)`` frames drawn given ``states`` ``(N, T)`` in the engine's space."""
+        raise NotImplementedError
+
+    def output_states(self, states: torch.Tensor) -> torch.Tensor:
+        """Engine states ``(N, T)`` (-1 at padding) as reported to users."""
+        return states
+
+    def output_marginals(self, marginals: torch.Tensor) -> torch.Tensor:
+        """Engine marginals ``(N, T, S)`` as reported to users ``(N, T, K)``."""
+        return marginals
+
+    # The contract, once for all families.
+    def factors(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Engine factors with the sequence dim in place: ``(..., 1, S)``,
+        ``(..., 1, S, S)``, ``(..., N, T, S)``."""
+        log_init, log_trans = self.chain_factors(params)
+        log_emit = self.emission_log_probs(params, x)
+        return log_init.unsqueeze(-2), log_trans.unsqueeze(-3), log_emit
+
+    def log_likelihood_of(self, params, x, lengths) -> torch.Tensor:
+        return inference.log_likelihood_steps(*self.factors(params, x, lengths), lengths).sum(-1)
+
+    def log_likelihood_steps(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        factors = self.factors(self.map_values(), x, lengths)
+        return inference.log_likelihood_steps(*factors, lengths)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Viterbi: ``states`` ``(N, T)`` int64 (-1 past length) and ``log_joint`` ``(N,)``,
+        the joint log p(z*, x) of the best path."""
+        states, log_joint = inference.viterbi(*self.factors(self.map_values(), x, lengths), lengths)
+        return self.output_states(states), log_joint
+
+    @torch.no_grad()
+    def posterior(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Smoothed marginals ``(N, T, K)`` (forward-backward), zero at padding."""
+        factors = self.factors(self.map_values(), x, lengths)
+        return self.output_marginals(inference.posterior_marginals(*factors, lengths))
+
+    @torch.no_grad()
+    def sample(
+        self, num_sequences: int, length: int | None = None, seed: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ancestral samples: ``x`` ``(num_sequences, length, D)`` and states
+        ``(num_sequences, length)``; the same seed gives the same draws."""
+        if length is None or length < 1 or num_sequences < 1:
+            raise ValueError(
+                f"{self.family}: sample needs num_sequences >= 1 and length >= 1, "
+                f"got {num_sequences} and {length}"
+            )
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        params = self.map_values()
+        log_init, log_trans = self.chain_factors(params)
+        states = inference.sample_states(log_init, log_trans, num_sequences, length, generator)
+        x = self.sample_emissions(params, states, generator)
+        return x, self.output_states(states)
