@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.distributions.transforms import AffineAutoregressive, affine_autoregressive
-from pyro.distributions.transforms.utils import clamp_preserve_gradients
 from torch import nn
 
 from .base import SequenceModel
@@ -132,6 +131,11 @@ def bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
 
 
+def stack_masked(frames: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Stack ``T`` frames ``(N, F)`` into ``(N, T, F)``, zero where ``mask`` ``(N, T)`` is False."""
+    return torch.where(mask[..., None], torch.stack(frames, dim=1), 0.0)
+
+
 class DeepMarkovModel(SequenceModel):
     """Deep Markov Model over binary frames with ``Z = hidden_dim`` continuous latents.
 
@@ -215,6 +219,8 @@ class DeepMarkovModel(SequenceModel):
                 f"dmm: expected x of shape (N, T, {self.data_dim}), got {tuple(x.shape)}"
             )
         num_sequences, num_steps, _ = x.shape
+        if num_steps < 1:
+            raise ValueError("dmm: sequences need at least one frame (T >= 1)")
         if lengths is None:
             lengths = torch.full((num_sequences,), num_steps, dtype=torch.long, device=x.device)
         lengths = lengths.to(device=x.device, dtype=torch.long)
@@ -234,21 +240,31 @@ class DeepMarkovModel(SequenceModel):
         states, _ = self.rnn(reverse_within_lengths(x, lengths), h_0)
         return reverse_within_lengths(states, lengths)
 
+    def _step_iafs(self) -> list[AffineAutoregressive]:
+        """Fresh transform objects over the IAFs' networks (shared parameters).
+
+        A transform caches only its last ``(u, z)`` pair. One object reused at every time step
+        would miss that cache when ``Trace_ELBO`` scores the sites after the whole trace,
+        falling back to the sequential O(Z) inversion; and a shared cache is state that
+        concurrent threads would race on. Objects made per step and per call avoid both.
+        """
+        return [
+            AffineAutoregressive(
+                iaf.arn,
+                log_scale_min_clip=iaf.log_scale_min_clip,
+                log_scale_max_clip=iaf.log_scale_max_clip,
+            )
+            for iaf in self.iafs
+        ]
+
     def _flow(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Push base samples ``u`` ``(..., Z)`` through the IAFs: ``z`` ``(..., Z)`` and
-        log|det dz/du| ``(...)``.
-
-        The same map as ``AffineAutoregressive`` (non-stable form), computed without its
-        transform cache, which is module state and not safe to share between threads.
-        """
+        log|det dz/du| ``(...)``."""
         log_det = u.new_zeros(u.shape[:-1])
-        for iaf in self.iafs:
-            mean, log_scale = iaf.arn(u)
-            log_scale = clamp_preserve_gradients(
-                log_scale, iaf.log_scale_min_clip, iaf.log_scale_max_clip
-            )
-            u = mean + log_scale.exp() * u
-            log_det = log_det + log_scale.sum(-1)
+        for transform in self._step_iafs():
+            z = transform(u)
+            log_det = log_det + transform.log_abs_det_jacobian(u, z)
+            u = z
         return u, log_det
 
     def _step_log_joint(
@@ -266,8 +282,7 @@ class DeepMarkovModel(SequenceModel):
         base = dist.Normal(loc, scale).to_event(1)
         if not self.iafs:
             return base
-        transforms: list[AffineAutoregressive] = list(self.iafs)
-        return dist.TransformedDistribution(base, transforms)
+        return dist.TransformedDistribution(base, self._step_iafs())
 
     # ----------------------------------------------------------------- Pyro programs
     def model(
@@ -380,11 +395,13 @@ class DeepMarkovModel(SequenceModel):
             latents.append(z_prev)
             locs.append(loc)
             scales.append(scale)
-        keep = mask[..., None]
-        latents_, loc_, scale_ = (
-            torch.where(keep, torch.stack(values, dim=1), 0.0) for values in (latents, locs, scales)
+        return (
+            x,
+            mask,
+            stack_masked(latents, mask),
+            stack_masked(locs, mask),
+            stack_masked(scales, mask),
         )
-        return x, mask, latents_, loc_, scale_
 
     def _log_joint(self, x: torch.Tensor, mask: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """``(N,)`` log p(x, z) of prepared ``x`` ``(N, T, D)`` and latents ``z`` ``(N, T, Z)``

@@ -349,7 +349,8 @@ class NeuralHMM(BernoulliHMM):
         return (x * logits - nn.functional.softplus(logits)).sum(-1)
 
     def sample_emissions(self, params, states, generator):
-        frame = torch.zeros(states.shape[0], self.data_dim, device=states.device)
+        weight = self.tones.hidden_to_logits.weight
+        frame = weight.new_zeros(states.shape[0], self.data_dim)
         frames = []
         for t in range(states.shape[1]):
             logits = self.tones(frame)[torch.arange(states.shape[0]), states[:, t]]

@@ -1,0 +1,122 @@
+"""Data sets by name or path (DESIGN.md section 3).
+
+``load_dataset(name="jsb")``, ``load_dataset(name="synthetic-hmm", seed=1)`` or
+``load_dataset(path="my.npz")`` returns a :class:`Dataset` whose splits ``train``,
+``valid`` and ``test`` hold padded sequences ``x`` ``(N, T, D)`` with ``lengths`` ``(N,)``,
+or points ``x`` ``(N, D)`` for mixtures. Bad data raises :class:`DataError` at load time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+
+from .base import SPLITS, DataError, Dataset, Split, sequences_to_split, validate_split
+from .files import load_file
+from .jsb import load_jsb
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "Dataset",
+    "Split",
+    "dataset_summary",
+    "load_dataset",
+    "load_file",
+    "load_jsb",
+    "sequences_to_split",
+    "validate_split",
+]
+
+DATASETS: dict[str, str] = {
+    "jsb": "four-part Bach chorales from music21 as 88-key piano rolls, one frame per beat",
+    "synthetic-hmm": "binary sequences sampled from a Bernoulli-emission HMM with known parameters",
+    "synthetic-gaussian-hmm": "real sequences sampled from a Gaussian HMM with known parameters",
+    "synthetic-gmm": "points sampled from a Gaussian mixture with known parameters",
+}
+
+
+def _named_loader(name: str) -> Callable[..., Dataset]:
+    """The loader of a built-in data set, taking only its options as keywords."""
+    if name not in DATASETS:
+        raise DataError(
+            f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}, or give a file path"
+        )
+    if name == "jsb":
+        return load_jsb
+    from .synthetic import load_synthetic
+
+    return partial(load_synthetic, name)
+
+
+def _check_options(source: str, loader: Callable[..., Dataset], options: dict[str, Any]) -> None:
+    """Raise naming the valid options when ``options`` holds a keyword ``loader`` lacks."""
+    parameters = inspect.signature(loader).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    accepted = [
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise DataError(
+            f"{source}: unknown option(s) {', '.join(unknown)}; "
+            f"valid options: {', '.join(accepted) or 'none'}"
+        )
+
+
+def load_dataset(
+    name: str | None = None, path: str | os.PathLike[str] | None = None, **options: Any
+) -> Dataset:
+    """Load a built-in data set by ``name`` (a key of :data:`DATASETS`) or a user file by
+    ``path`` (see :func:`load_file`); give exactly one.
+
+    :param options: keyword options of the named loader, e.g. ``max_chorales`` for
+        ``jsb`` or ``num_sequences``, ``length``, ``seed`` for ``synthetic-*``; files
+        take none.
+    :raises DataError: for both or neither of ``name`` and ``path``, an unknown name or
+        option (listing the valid ones), or bad data.
+    """
+    if (name is None) == (path is None):
+        raise DataError(
+            f"give exactly one of a data set name ({', '.join(DATASETS)}) or a file path"
+        )
+    if path is not None:
+        source, loader = str(path), partial(load_file, path)
+    else:
+        source, loader = name, _named_loader(name)
+    _check_options(source, loader, options)
+    return loader(**options)
+
+
+def _split_summary(split_name: str, split: Split) -> dict[str, str | int | float]:
+    num_rows = split.x.size(0)
+    if split.lengths is None:
+        return {"split": split_name, "points": num_rows, "frames": num_rows}
+    real = torch.arange(split.x.size(1)) < split.lengths.unsqueeze(-1)
+    frames = int(split.lengths.sum())
+    return {
+        "split": split_name,
+        "sequences": num_rows,
+        "frames": frames,
+        "max_length": int(split.lengths.max()),
+        "notes_per_frame": float(split.x[real].sum()) / frames,
+    }
+
+
+def dataset_summary(dataset: Dataset) -> list[dict[str, str | int | float]]:
+    """One row per split (train, valid, test).
+
+    Sequence splits: ``split``, ``sequences``, ``frames`` (sum of lengths), ``max_length``
+    and ``notes_per_frame``, the mean over real frames of the sum of ``x`` over ``D``
+    (the number of keys down for binary piano rolls; just the mean frame sum for other
+    data). Point splits: ``split``, ``points`` and ``frames`` (= points).
+    """
+    return [_split_summary(name, dataset.splits[name]) for name in SPLITS]
