@@ -67,7 +67,8 @@ class SequenceModel(PyroModule):
         return names
 
     def training_kwargs(self, epoch: int, num_epochs: int) -> dict[str, Any]:
-        """Extra keyword arguments for ``model`` and ``guide`` at an epoch (e.g. KL annealing)."""
+        """Extra keyword arguments for ``model`` and ``guide`` after ``epoch`` completed
+        epochs (0-based; e.g. KL annealing)."""
         return {}
 
     # The contract; each family implements these.

@@ -1,0 +1,99 @@
+"""The engine against independent implementations: Pyro's classic enumeration
+(``TraceEnum_ELBO``), hmmlearn's ``GaussianHMM`` and the closed-form mixture density."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hmmlearn.hmm import GaussianHMM as HmmlearnGaussianHMM
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
+from scipy.stats import multivariate_normal
+
+from trainables.models import build_model
+from trainables.models.classic import classic_hmm_model
+
+
+def random_hmm(dtype, seed=0, N=7, T=12, D=6, K=4):
+    torch.manual_seed(seed)
+    x = (torch.rand(N, T, D) < 0.3).to(dtype)
+    lengths = torch.randint(1, T + 1, (N,))
+    lengths[0] = T
+    model = build_model("hmm", data_dim=D, hidden_dim=K).to(dtype)
+    model.set_parameters(**model.init_parameters(x, lengths, torch.Generator().manual_seed(seed)))
+    return model, x, lengths
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hmm_loss_and_gradients_equal_classic_trace_enum(dtype):
+    model, x, lengths = random_hmm(dtype)
+    ours = Trace_ELBO().differentiable_loss(model.model, model.guide, x, lengths, scale=3.0)
+    ours_grads = torch.autograd.grad(ours, list(model.parameters()))
+    classic = TraceEnum_ELBO(max_plate_nesting=2).differentiable_loss(
+        classic_hmm_model(model), model.guide, x, lengths, scale=3.0
+    )
+    classic_grads = torch.autograd.grad(classic, list(model.parameters()))
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(ours, classic, rtol=rtol, atol=0)
+    for a, b in zip(ours_grads, classic_grads):
+        torch.testing.assert_close(a, b, rtol=rtol * 10, atol=rtol * 10 * float(b.abs().max()))
+
+
+def gaussian_case(seed=0, K=3, D=2, lengths=(9, 4, 1, 7)):
+    torch.manual_seed(seed)
+    model = build_model("gaussian-hmm", data_dim=D, hidden_dim=K).double()
+    model.set_parameters(
+        initial=torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64),
+        transition=torch.tensor([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.3, 0.6]], dtype=torch.float64),
+        means=torch.tensor([[-2.0, 0.0], [0.0, 2.0], [2.5, -1.0]], dtype=torch.float64),
+        scales=torch.tensor([[0.7, 1.1], [0.5, 0.9], [1.3, 0.6]], dtype=torch.float64),
+    )
+    x, _ = model.sample(len(lengths), max(lengths), seed=seed)
+    lengths = torch.tensor(lengths)
+    reference = HmmlearnGaussianHMM(n_components=K, covariance_type="diag", init_params="", params="")
+    p = model.get_parameters()
+    reference.startprob_ = p["initial"].numpy()
+    reference.transmat_ = p["transition"].numpy()
+    reference.means_ = p["means"].numpy()
+    reference.covars_ = (p["scales"] ** 2).numpy()
+    return model, x, lengths, reference
+
+
+def test_gaussian_hmm_matches_hmmlearn():
+    model, x, lengths, reference = gaussian_case()
+    ours_ll = model.log_likelihood(x, lengths).detach()
+    states, log_joint = model.decode(x, lengths)
+    marginals = model.posterior(x, lengths)
+    for n, length in enumerate(lengths.tolist()):
+        frames = x[n, :length].numpy()
+        np.testing.assert_allclose(ours_ll[n].item(), reference.score(frames), rtol=1e-10)
+        ref_log_joint, ref_states = reference.decode(frames, algorithm="viterbi")
+        np.testing.assert_allclose(log_joint[n].item(), ref_log_joint, rtol=1e-10)
+        np.testing.assert_array_equal(states[n, :length].numpy(), ref_states)
+        np.testing.assert_allclose(marginals[n, :length].numpy(), reference.predict_proba(frames), atol=1e-10)
+
+
+@pytest.mark.parametrize("variance", ["global", "component", "dimension", "component-dimension"])
+def test_gmm_matches_closed_form_density(variance):
+    torch.manual_seed(0)
+    K, D = 3, 2
+    model = build_model("gmm", data_dim=D, hidden_dim=K, variance=variance).double()
+    points = torch.randn(25, D, dtype=torch.float64) * 2
+    model.set_parameters(**model.init_parameters(points, None, torch.Generator().manual_seed(1)))
+    p = model.get_parameters()
+    scales = model.component_scales(p["scales"])
+    densities = np.stack(
+        [
+            p["weights"][k].item()
+            * multivariate_normal(p["locs"][k].numpy(), np.diag(scales[k].numpy() ** 2)).pdf(points.numpy())
+            for k in range(K)
+        ],
+        -1,
+    )
+    np.testing.assert_allclose(model.log_likelihood(points).detach().numpy(), np.log(densities.sum(-1)), rtol=1e-10)
+    np.testing.assert_allclose(model.posterior(points).numpy(), densities / densities.sum(-1, keepdims=True), rtol=1e-9)
+    assignment, log_joint = model.decode(points)
+    np.testing.assert_array_equal(assignment.numpy(), densities.argmax(-1))
+    np.testing.assert_allclose(log_joint.numpy(), np.log(densities.max(-1)), rtol=1e-10)
+    steps = model.log_likelihood_steps(points)
+    assert steps.shape == (25, 1)
