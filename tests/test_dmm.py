@@ -67,16 +67,6 @@ def with_particles(model: DeepMarkovModel, num_particles: int) -> DeepMarkovMode
     return copy
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These models are tiny: one intra-op thread is as fast, and it cannot stall in OpenMP
-    barriers when other processes load the cores (observed: 10-30x slower steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data() -> tuple[torch.Tensor, torch.Tensor]:
     return markov_chain_data()

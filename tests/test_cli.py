@@ -1,0 +1,55 @@
+"""The command line as a user runs it: a real subprocess of ``pyrosweep``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+
+
+def pyrosweep(*args: str, home) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args],
+        capture_output=True,
+        text=True,
+        env={"PYROSWEEP_HOME": str(home), "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
+
+
+def test_data_list_and_prepare(tmp_path):
+    listed = pyrosweep("data", "list", home=tmp_path)
+    assert listed.returncode == 0
+    for name in ("jsb", "synthetic-hmm", "synthetic-gaussian-hmm", "synthetic-gmm"):
+        assert name in listed.stdout
+    prepared = pyrosweep("data", "prepare", "synthetic-hmm", home=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    lines = prepared.stdout.splitlines()
+    assert lines[1].split() == ["split", "sequences", "frames", "max_length", "notes_per_frame"]
+    assert [line.split()[0] for line in lines[2:5]] == ["train", "valid", "test"]
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, train_x=np.zeros((2, 3, 4)), train_len=np.array([3, 9]))
+    result = pyrosweep("data", "prepare", str(bad), home=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("pyrosweep: error: ") and "bad.npz" in result.stderr
+    assert "Traceback" not in result.stderr
+    unknown = pyrosweep("train", "--model", "hmmm", "--data", "synthetic-hmm", home=tmp_path)
+    assert unknown.returncode == 2 and "unknown model family 'hmmm'" in unknown.stderr
+
+
+def test_train_prints_nll_per_split_and_writes_a_checkpoint(tmp_path):
+    result = pyrosweep(
+        "train", "--model", "gaussian-hmm", "--data", "synthetic-gaussian-hmm", "--hidden-dim", "3",
+        "--epochs", "3", "--screen", "5", home=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    table = {line.split()[0]: float(line.split()[1]) for line in result.stdout.splitlines()
+             if line.split()[:1] in (["train"], ["valid"], ["test"]) and len(line.split()) == 2}
+    assert set(table) == {"train", "valid", "test"}
+    assert all(np.isfinite(v) for v in table.values())
+    checkpoint = tmp_path / "checkpoints" / "gaussian-hmm-synthetic-gaussian-hmm"
+    assert (checkpoint / "model.pt").exists() and (checkpoint / "config.json").exists()
