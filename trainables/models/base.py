@@ -107,13 +107,15 @@ class MapModel(SequenceModel):
     ``log_likelihood_of(params, x, lengths)``, which must accept parameters with extra
     leading batch dimensions ``(R, ...)`` and return ``(R, N)``: that is what lets
     best-of-N screening score every initialisation in one batched pass.
-    Subclasses call ``self._setup_guide()`` at the end of ``__init__``.
+    ``priors`` and ``init_parameters`` may only use the dims, ``hparams`` and ``_anchor``:
+    the guide is set up at the end of ``MapModel.__init__``.
     """
 
     def __init__(self, data_dim: int, hidden_dim: int, **hparams: Any) -> None:
         super().__init__(data_dim, hidden_dim, **hparams)
         # dtype and device of the priors, moved by .to() / .double() with the module
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+        self._setup_guide()
 
     def priors(self) -> dict[str, Distribution]:
         """Site name -> prior; build them on ``self._anchor``'s dtype and device."""

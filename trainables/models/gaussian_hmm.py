@@ -10,7 +10,7 @@ from pyro import distributions as dist
 
 from ..inference import frame_mask
 from .hmm_base import HMMFamily
-from .parts import flat_dirichlet, sticky_dirichlet, sticky_simplex, uniform_simplex
+from .parts import sticky_simplex, uniform_simplex
 
 
 def gaussian_log_probs(x: torch.Tensor, means: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -55,28 +55,23 @@ class GaussianHMM(HMMFamily):
         data_dim: int,
         hidden_dim: int,
         *,
-        prior_sticky: float = 0.9,
-        prior_smooth: float = 0.1,
-        prior_initial: float = 1.0,
         prior_mean_scale: float = 10.0,
         prior_log_scale: float = 2.0,
+        **hparams,
     ) -> None:
         super().__init__(
             data_dim,
             hidden_dim,
-            prior_sticky=prior_sticky,
-            prior_smooth=prior_smooth,
-            prior_initial=prior_initial,
             prior_mean_scale=prior_mean_scale,
             prior_log_scale=prior_log_scale,
+            **hparams,
         )
-        self._setup_guide()
 
     def priors(self):
         K, D, h, zero = self.hidden_dim, self.data_dim, self.hparams, self._anchor
         return {
-            "initial": flat_dirichlet((K,), h["prior_initial"], zero),
-            "transition": sticky_dirichlet(K, h["prior_sticky"], h["prior_smooth"], zero),
+            "initial": self._initial_prior(K),
+            "transition": self._transition_prior(K),
             "means": dist.Normal(zero, h["prior_mean_scale"]).expand([K, D]).to_event(2),
             "scales": dist.LogNormal(zero, h["prior_log_scale"]).expand([K, D]).to_event(2),
         }

@@ -51,7 +51,6 @@ class GaussianMixture(MapModel):
             prior_loc_scale=prior_loc_scale,
             prior_log_scale=prior_log_scale,
         )
-        self._setup_guide()
 
     @property
     def scale_shape(self) -> tuple[int, ...]:

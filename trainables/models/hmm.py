@@ -29,50 +29,32 @@ from .parts import (
     bernoulli_init,
     bernoulli_log_probs,
     beta_prior,
-    flat_dirichlet,
     safe_log,
-    sticky_dirichlet,
     sticky_simplex,
     uniform_simplex,
 )
 
 
 class BernoulliChainHMM(HMMFamily):
-    """Shared priors of the binary-frame families (Pyro's ``examples/hmm.py``): a sticky
-    ``Dirichlet(sticky * I + smooth)`` on every transition row, ``Beta(a, b)`` on every
-    emission probability and a flat ``Dirichlet(initial)`` on initial distributions."""
+    """Binary-frame families: ``Beta(prior_emission_a, prior_emission_b)`` on every
+    emission probability, as in Pyro's ``examples/hmm.py``."""
 
     def __init__(
         self,
         data_dim: int,
         hidden_dim: int,
         *,
-        prior_sticky: float = 0.9,
-        prior_smooth: float = 0.1,
         prior_emission_a: float = 0.1,
         prior_emission_b: float = 0.9,
-        prior_initial: float = 1.0,
         **hparams,
     ) -> None:
         super().__init__(
             data_dim,
             hidden_dim,
-            prior_sticky=prior_sticky,
-            prior_smooth=prior_smooth,
             prior_emission_a=prior_emission_a,
             prior_emission_b=prior_emission_b,
-            prior_initial=prior_initial,
             **hparams,
         )
-
-    def _transition_prior(self, num_states: int, *batch: int):
-        prior = sticky_dirichlet(
-            num_states, self.hparams["prior_sticky"], self.hparams["prior_smooth"], self._anchor
-        )
-        return prior.expand_by(batch).to_event(len(batch)) if batch else prior
-
-    def _initial_prior(self, *shape: int):
-        return flat_dirichlet(shape, self.hparams["prior_initial"], self._anchor)
 
     def _emission_prior(self, *shape: int):
         a, b = self.hparams["prior_emission_a"], self.hparams["prior_emission_b"]
@@ -99,10 +81,6 @@ class BernoulliHMM(BernoulliChainHMM):
     """
 
     family = "hmm"
-
-    def __init__(self, data_dim: int, hidden_dim: int, **hparams) -> None:
-        super().__init__(data_dim, hidden_dim, **hparams)
-        self._setup_guide()
 
     def priors(self):
         K, D = self.hidden_dim, self.data_dim
@@ -169,14 +147,17 @@ class _TwoChainHMM(BernoulliChainHMM):
     """Two chains w and x of ``sqrt(K)`` states each, emitting given the pair."""
 
     def __init__(self, data_dim: int, hidden_dim: int, **hparams) -> None:
-        super().__init__(data_dim, hidden_dim, **hparams)
-        self.chain_dim = math.isqrt(hidden_dim)
-        if self.chain_dim**2 != hidden_dim:
+        if math.isqrt(hidden_dim) ** 2 != hidden_dim:
             raise ValueError(
                 f"{self.family}: hidden_dim is the size of the product state space and must "
                 f"be a perfect square (4, 9, 16, ...), got {hidden_dim}"
             )
-        self._setup_guide()
+        super().__init__(data_dim, hidden_dim, **hparams)
+
+    @property
+    def chain_dim(self) -> int:
+        """States of each chain, ``sqrt(hidden_dim)``."""
+        return math.isqrt(self.hidden_dim)
 
     def state_emission_probs(self, params):
         return params["emission_probs"].flatten(-3, -2)
@@ -260,10 +241,6 @@ class SecondOrderHMM(BernoulliChainHMM):
     ``(K, K, K)`` indexed ``[z_{t-2}, z_{t-1}, z_t]``, ``emission_probs`` ``(K, D)``."""
 
     family = "hmm2"
-
-    def __init__(self, data_dim: int, hidden_dim: int, **hparams) -> None:
-        super().__init__(data_dim, hidden_dim, **hparams)
-        self._setup_guide()
 
     def priors(self):
         K, D = self.hidden_dim, self.data_dim

@@ -12,13 +12,46 @@ import torch
 
 from .. import inference
 from .base import MapModel
-from .parts import safe_log
+from .parts import flat_dirichlet, safe_log, sticky_dirichlet
 
 
 class HMMFamily(MapModel):
-    """Base of the HMM families. Subclasses implement ``chain_factors``,
+    """Base of the HMM families, with the chain priors they share: a sticky
+    ``Dirichlet(prior_sticky * I + prior_smooth)`` on every transition row (Pyro's
+    ``examples/hmm.py``) and a flat ``Dirichlet(prior_initial)`` on initial distributions.
+    Subclasses implement ``chain_factors``,
     ``emission_log_probs`` and ``sample_emissions``; product-space families may override
     ``output_states`` / ``output_marginals`` to report in the user's state space."""
+
+    def __init__(
+        self,
+        data_dim: int,
+        hidden_dim: int,
+        *,
+        prior_sticky: float = 0.9,
+        prior_smooth: float = 0.1,
+        prior_initial: float = 1.0,
+        **hparams,
+    ) -> None:
+        super().__init__(
+            data_dim,
+            hidden_dim,
+            prior_sticky=prior_sticky,
+            prior_smooth=prior_smooth,
+            prior_initial=prior_initial,
+            **hparams,
+        )
+
+    def _transition_prior(self, num_states: int, *batch: int):
+        """Sticky Dirichlet on the rows of ``(*batch, K, K)`` transition probabilities."""
+        prior = sticky_dirichlet(
+            num_states, self.hparams["prior_sticky"], self.hparams["prior_smooth"], self._anchor
+        )
+        return prior.expand_by(batch).to_event(len(batch)) if batch else prior
+
+    def _initial_prior(self, *shape: int):
+        """Flat ``Dirichlet(prior_initial)`` on initial distributions of ``shape``."""
+        return flat_dirichlet(shape, self.hparams["prior_initial"], self._anchor)
 
     # Hooks for the families. ``params`` may carry leading batch dims (...).
     def chain_factors(self, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
