@@ -11,7 +11,7 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from scipy.stats import multivariate_normal
 
 from trainables.models import build_model
-from trainables.models.classic import classic_hmm_model
+from trainables.models.classic import classic_gmm_model, classic_hmm_model
 
 
 def random_hmm(dtype, seed=0, N=7, T=12, D=6, K=4):
@@ -97,3 +97,16 @@ def test_gmm_matches_closed_form_density(variance):
     np.testing.assert_allclose(log_joint.numpy(), np.log(densities.max(-1)), rtol=1e-10)
     steps = model.log_likelihood_steps(points)
     assert steps.shape == (25, 1)
+
+
+@pytest.mark.parametrize("variance", ["global", "component-dimension"])
+def test_gmm_loss_equals_the_tutorials_enumerated_model(variance):
+    torch.manual_seed(0)
+    model = build_model("gmm", data_dim=2, hidden_dim=3, variance=variance)
+    points = torch.randn(40, 2) * 3
+    model.set_parameters(**model.init_parameters(points, None, torch.Generator().manual_seed(2)))
+    ours = Trace_ELBO().differentiable_loss(model.model, model.guide, points, None, scale=2.0)
+    classic = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
+        classic_gmm_model(model), model.guide, points, None, scale=2.0
+    )
+    torch.testing.assert_close(ours, classic, rtol=1e-5, atol=0)

@@ -1,7 +1,8 @@
-"""The classic Pyro form of ``hmm``: hidden states as enumerated sample sites under
-``TraceEnum_ELBO`` (Pyro's ``examples/hmm.py`` model_1, with a learned initial
-distribution). It is the reference the tests and benchmarks hold the engine to: with the
-same ``AutoDelta`` guide its loss equals ``BernoulliHMM.model``'s to rounding.
+"""The classic Pyro forms of ``hmm`` and ``gmm``: hidden states and assignments as
+enumerated sample sites under ``TraceEnum_ELBO`` (Pyro's ``examples/hmm.py`` model_1 with
+a learned initial distribution, and the GMM tutorial). They are the references the tests
+and benchmarks hold the exact engine to: with the same ``AutoDelta`` guide their loss
+equals the family's own ``model``'s to rounding.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from pyro import distributions as dist
 from pyro import poutine
 
+from .gmm import GaussianMixture
 from .hmm import BernoulliHMM
 
 
@@ -43,5 +45,26 @@ def classic_hmm_model(hmm: BernoulliHMM) -> Callable[..., None]:
                             dist.Bernoulli(emission_probs[state.squeeze(-1)]),
                             obs=x[:, t],
                         )
+
+    return model
+
+
+def classic_gmm_model(gmm: GaussianMixture) -> Callable[..., None]:
+    """The GMM tutorial's form of ``gmm``: an enumerated assignment site per point, for
+    ``gmm.guide`` and ``TraceEnum_ELBO(max_plate_nesting=1)``; takes ``x`` ``(N, D)``,
+    ``lengths`` (unused) and ``scale``."""
+
+    def model(x: torch.Tensor, lengths: None = None, scale: float = 1.0) -> None:
+        params = gmm._sample_parameters()
+        scales = gmm.component_scales(params["scales"])
+        with poutine.scale(scale=scale), pyro.plate("points", x.shape[0]):
+            assignment = pyro.sample(
+                "assignment", dist.Categorical(params["weights"]), infer={"enumerate": "parallel"}
+            )
+            pyro.sample(
+                "obs",
+                dist.Normal(params["locs"][assignment], scales[assignment]).to_event(1),
+                obs=x,
+            )
 
     return model
