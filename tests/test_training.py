@@ -14,6 +14,7 @@ from trainables.data import Dataset, Split, load_dataset
 from trainables.models import build_model
 from trainables.svi import (
     TrainConfig,
+    Trainer,
     evaluate_nll,
     load_checkpoint,
     save_checkpoint,
@@ -55,15 +56,37 @@ def small_hmm_data(seed=0):
     return load_dataset("synthetic-hmm", num_sequences=40, length=20, hidden_dim=2, seed=seed)
 
 
-def test_screening_keeps_the_best_initialisation():
+def test_screening_ranks_initialisations_by_the_training_objective():
     data = small_hmm_data()
     model = build_model("hmm", data_dim=data.data_dim, hidden_dim=2)
     split = data.splits["train"]
-    losses = screen_initializations(model, split, 30, torch.Generator().manual_seed(0), chunk=7)
-    assert losses.shape == (30,) and losses.std() > 0
-    params = model.map_values()
-    loss = -(model.log_prior_of(params) + model.log_likelihood_of(params, split.x, split.lengths).sum())
-    torch.testing.assert_close(loss.detach(), losses.min(), rtol=1e-5, atol=0)
+    losses, best = screen_initializations(model, split, 30, torch.Generator().manual_seed(0), keep=3, chunk=7)
+    assert losses.shape == (30,) and losses.std() > 0 and len(best) == 3
+    objective = []
+    for params in best:
+        model.set_parameters(**params)
+        params = model.map_values()
+        log_likelihood = model.log_likelihood_of(params, split.x, split.lengths).sum()
+        objective.append(float(-(model.log_prior_of(params) + log_likelihood)))
+    torch.testing.assert_close(torch.tensor(objective), losses.sort().values[:3], rtol=1e-5, atol=0)
+
+
+def test_a_resumed_trainer_continues_exactly(tmp_path):
+    data = small_hmm_data()
+    config = TrainConfig(epochs=6, lr=0.1, seed=5, screen=4, patience=None)
+    straight = Trainer(build_model("hmm", data_dim=data.data_dim, hidden_dim=2), data, config)
+    while not straight.done:
+        straight.run_epoch()
+    first = Trainer(build_model("hmm", data_dim=data.data_dim, hidden_dim=2), data, config)
+    for _ in range(3):
+        first.run_epoch()
+    torch.save(first.state_dict(), tmp_path / "trainer.pt")
+    resumed = Trainer(build_model("hmm", data_dim=data.data_dim, hidden_dim=2), data, config)
+    resumed.load_state_dict(torch.load(tmp_path / "trainer.pt", weights_only=True))
+    while not resumed.done:
+        resumed.run_epoch()
+    assert [r.valid_nll for r in resumed.history] == [r.valid_nll for r in straight.history]
+    assert resumed.result().test_nll == straight.result().test_nll
 
 
 def test_training_is_seeded_and_stops_early():

@@ -123,14 +123,19 @@ def evaluate_nll(model: SequenceModel, split: Split, batch_size: int = 64) -> fl
 
 @torch.no_grad()
 def screen_initializations(
-    model: MapModel, split: Split, num: int, generator: torch.Generator, chunk: int = 16
-) -> torch.Tensor:
+    model: MapModel,
+    split: Split,
+    num: int,
+    generator: torch.Generator,
+    keep: int = 1,
+    chunk: int = 16,
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     """Best-of-``num`` initialisation, as the GMM tutorial's 100-seed search: draw ``num``
-    random initialisations, score each by the training objective (negative log prior plus
-    negative log-likelihood of the whole split), batched ``chunk`` at a time through the
-    family's batched likelihood, and set the model to the best one.
+    random initialisations and score each by the training objective (negative log prior
+    plus negative log-likelihood of the whole split), batched ``chunk`` at a time through
+    the family's batched likelihood. The model itself is left as it was.
 
-    :returns: ``(num,)`` the loss of every initialisation.
+    :returns: ``(num,)`` the loss of every draw, and the ``keep`` best draws, best first.
     """
     draws = [model.init_parameters(split.x.cpu(), _cpu(split.lengths), generator) for _ in range(num)]
     dtype, device = model._anchor.dtype, model._anchor.device
@@ -142,9 +147,9 @@ def screen_initializations(
         }
         log_likelihood = model.log_likelihood_of(params, split.x, split.lengths).sum(-1)
         losses.append(-(model.log_prior_of(params) + log_likelihood))
-    losses = torch.cat(losses)
-    model.set_parameters(**draws[int(torch.nan_to_num(losses, nan=math.inf).argmin())])
-    return losses.cpu()
+    losses = torch.cat(losses).cpu()
+    order = torch.nan_to_num(losses, nan=math.inf).argsort()[:keep]
+    return losses, [draws[int(i)] for i in order]
 
 
 def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -155,84 +160,158 @@ def _to(split: Split, device: torch.device) -> Split:
     return Split(split.x.to(device), None if split.lengths is None else split.lengths.to(device))
 
 
+class Trainer:
+    """SVI on one model, an epoch at a time, with a state that can be saved and resumed.
+
+    On construction a MAP family starts from ``initial_parameters`` if given, else from
+    the best of ``config.screen`` random initialisations drawn from the training data.
+    """
+
+    def __init__(
+        self,
+        model: SequenceModel,
+        data: Dataset,
+        config: TrainConfig,
+        initial_parameters: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        pyro.set_rng_seed(config.seed)
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.config = config
+        self.splits = {name: _to(split, self.device) for name, split in data.splits.items()}
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.screening: list[float] = []
+        if isinstance(model, MapModel):
+            if initial_parameters is None:
+                losses, (initial_parameters,) = screen_initializations(
+                    model, self.splits["train"], config.screen, self.generator
+                )
+                self.screening = losses.tolist()
+            model.set_parameters(**initial_parameters)
+        elif config.screen > 1 or initial_parameters is not None:
+            raise ValueError(f"{model.family}: best-of-N screening needs a MAP family (HMMs, gmm)")
+        self.optimizer = ClippedAdam(
+            model.parameters(),
+            lr=config.lr,
+            betas=(config.beta1, config.beta2),
+            clip_norm=config.clip_norm,
+            lrd=config.lr_decay,
+        )
+        self.elbo = Trace_ELBO()
+        self.history: list[EpochRecord] = []
+        self.best_valid, self.best_epoch = math.inf, 0
+        self.best_state = copy.deepcopy(model.state_dict())
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed."""
+        return len(self.history)
+
+    @property
+    def done(self) -> bool:
+        patience = self.config.patience
+        out_of_patience = patience is not None and self.epoch - self.best_epoch >= patience
+        return self.epoch >= self.config.epochs or (self.epoch > 0 and out_of_patience)
+
+    def run_epoch(self) -> EpochRecord:
+        """One pass over the shuffled training split, then the validation NLL per frame.
+        A non-finite loss raises ``FloatingPointError`` naming the epoch and batch."""
+        model, train_split = self.model, self.splits["train"]
+        epoch = self.epoch + 1
+        started = time.perf_counter()
+        extra = model.training_kwargs(self.epoch, self.config.epochs)
+        epoch_loss, num_batches = 0.0, 0
+        for batch, (x, lengths) in enumerate(batches(train_split, self.config.batch_size, self.generator)):
+            scale = train_split.x.shape[0] / x.shape[0]
+            # Data were checked at load and the loss is checked here: Pyro's per-site
+            # argument validation would only turn a diverging step into a less clear error.
+            with pyro.validation_enabled(False):
+                loss = self.elbo.differentiable_loss(model.model, model.guide, x, lengths, scale=scale, **extra)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"{model.family}: non-finite training loss ({float(loss)}) at epoch {epoch}, "
+                    f"batch {batch}; try a smaller lr"
+                )
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            epoch_loss += float(loss.detach())
+            num_batches += 1
+        valid_nll = evaluate_nll(model, self.splits["valid"])
+        record = EpochRecord(
+            epoch=epoch,
+            train_loss=epoch_loss / num_batches / num_frames(train_split),
+            valid_nll=valid_nll,
+            epoch_s=time.perf_counter() - started,
+        )
+        self.history.append(record)
+        if valid_nll < self.best_valid:
+            self.best_valid, self.best_epoch = valid_nll, epoch
+            self.best_state = copy.deepcopy(model.state_dict())
+        return record
+
+    def best_test_nll(self) -> float:
+        """Test NLL per frame of the parameters at the best validation epoch."""
+        current = copy.deepcopy(self.model.state_dict())
+        self.model.load_state_dict(self.best_state)
+        test_nll = evaluate_nll(self.model, self.splits["test"])
+        self.model.load_state_dict(current)
+        return test_nll
+
+    def result(self) -> TrainResult:
+        """Leave the model at its best epoch and summarise the run."""
+        self.model.load_state_dict(self.best_state)
+        return TrainResult(
+            history=list(self.history),
+            best_epoch=self.best_epoch,
+            best_valid_nll=self.best_valid,
+            test_nll=evaluate_nll(self.model, self.splits["test"]),
+            screening_losses=self.screening,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to go on exactly where this trainer is (tensors and plain
+        Python values only, so it loads with ``torch.load(weights_only=True)``)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": [asdict(record) for record in self.history],
+            "best_valid": self.best_valid,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+            "generator": self.generator.get_state(),
+            "screening": self.screening,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = [EpochRecord(**record) for record in state["history"]]
+        self.best_valid, self.best_epoch = state["best_valid"], state["best_epoch"]
+        self.best_state = state["best_state"]
+        self.generator.set_state(state["generator"])
+        self.screening = list(state["screening"])
+
+
 def train(
     model: SequenceModel,
     data: Dataset,
     config: TrainConfig,
     on_epoch: Callable[[EpochRecord, SequenceModel], None] | None = None,
 ) -> TrainResult:
-    """Fit ``model`` to ``data["train"]`` by SVI and return its history.
+    """Fit ``model`` to ``data["train"]`` by SVI, stopping early after ``config.patience``
+    epochs without a better validation NLL, and end on the best epoch's parameters.
 
-    ``on_epoch(record, model)`` runs after every epoch (reporting, checkpoints). A non-finite
-    loss raises ``FloatingPointError`` naming the epoch and batch.
+    ``on_epoch(record, model)`` runs after every epoch (reporting, checkpoints).
     """
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    pyro.set_rng_seed(config.seed)
-    device = resolve_device(config.device)
-    model.to(device)
-    train_split, valid_split, test_split = (_to(data.splits[s], device) for s in ("train", "valid", "test"))
-    generator = torch.Generator().manual_seed(config.seed)
-
-    screening: list[float] = []
-    if isinstance(model, MapModel):
-        screening = screen_initializations(model, train_split, config.screen, generator).tolist()
-    elif config.screen > 1:
-        raise ValueError(f"{model.family}: best-of-N screening needs a MAP family (HMMs, gmm)")
-
-    optimizer = ClippedAdam(
-        model.parameters(),
-        lr=config.lr,
-        betas=(config.beta1, config.beta2),
-        clip_norm=config.clip_norm,
-        lrd=config.lr_decay,
-    )
-    elbo = Trace_ELBO()
-    train_count, train_frames = train_split.x.shape[0], num_frames(train_split)
-    history: list[EpochRecord] = []
-    best_valid, best_epoch, best_state = math.inf, 0, copy.deepcopy(model.state_dict())
-    for epoch in range(1, config.epochs + 1):
-        started = time.perf_counter()
-        extra = model.training_kwargs(epoch - 1, config.epochs)  # epochs completed so far
-        epoch_loss, num_batches = 0.0, 0
-        for batch, (x, lengths) in enumerate(batches(train_split, config.batch_size, generator)):
-            scale = train_count / x.shape[0]
-            # Data were checked at load and the loss is checked here: Pyro's per-site
-            # argument validation would only turn a diverging step into a less clear error.
-            with pyro.validation_enabled(False):
-                loss = elbo.differentiable_loss(model.model, model.guide, x, lengths, scale=scale, **extra)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{model.family}: non-finite training loss ({float(loss)}) at epoch {epoch}, "
-                    f"batch {batch}; try a smaller lr"
-                )
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            epoch_loss += float(loss.detach())
-            num_batches += 1
-        valid_nll = evaluate_nll(model, valid_split)
-        record = EpochRecord(
-            epoch=epoch,
-            train_loss=epoch_loss / num_batches / train_frames,
-            valid_nll=valid_nll,
-            epoch_s=time.perf_counter() - started,
-        )
-        history.append(record)
-        if valid_nll < best_valid:
-            best_valid, best_epoch, best_state = valid_nll, epoch, copy.deepcopy(model.state_dict())
+    trainer = Trainer(model, data, config)
+    while not trainer.done:
+        record = trainer.run_epoch()
         if on_epoch is not None:
             on_epoch(record, model)
-        if config.patience is not None and epoch - best_epoch >= config.patience:
-            break
-    model.load_state_dict(best_state)
-    return TrainResult(
-        history=history,
-        best_epoch=best_epoch,
-        best_valid_nll=best_valid,
-        test_nll=evaluate_nll(model, test_split),
-        screening_losses=screening,
-    )
+    return trainer.result()
 
 
 def save_checkpoint(model: SequenceModel, directory: str | Path, **extra: Any) -> Path:
