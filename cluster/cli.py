@@ -7,17 +7,15 @@ it) and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import os
+import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from .home import project_home, tracking_uri
+
 DEMO = {"model": "hmm", "data": "jsb", "hidden_dim": 16, "epochs": 30, "lr": 0.05, "screen": 10}
-
-
-def project_home() -> Path:
-    """Where pyrosweep keeps its runs and checkpoints: ``$PYROSWEEP_HOME`` or ``~/.pyrosweep``."""
-    return Path(os.environ.get("PYROSWEEP_HOME", Path.home() / ".pyrosweep")).expanduser().absolute()
 
 
 def _print_table(rows: list[dict], columns: list[str]) -> None:
@@ -97,6 +95,60 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"checkpoint: {out}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .sweep_file import describe_plan, load_sweep_file
+
+    overrides = {k: v for k, v in {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent}.items() if v is not None}
+    spec = load_sweep_file(args.config, overrides)
+    print(describe_plan(spec))
+    if args.dry_run:
+        return
+    from .sweep import run_sweep
+
+    outcome = run_sweep(spec, address=args.address, tracking=args.tracking_uri, storage=args.storage, resume=args.resume)
+    print(f"\nsweep {spec.name} finished in {outcome.seconds:.0f} s")
+    _print_leaderboard(outcome.leaderboard)
+    if outcome.best is None:
+        raise RuntimeError(f"no trial of {spec.name} finished with a finite {spec.metric}")
+    best = outcome.best
+    print(f"\nbest trial {best['trial']}: valid NLL {best['best_valid_nll']:.4f}, "
+          f"test NLL {best['test_nll']:.4f} nats per frame (MLflow run {best['run_id']})")
+    print(f"browse the runs: pyrosweep runs --experiment {spec.name} --tracking-uri {outcome.tracking_uri}")
+    print(f"            or: pyrosweep ui --tracking-uri {outcome.tracking_uri}")
+
+
+def _print_leaderboard(rows: list[dict]) -> None:
+    columns = [c for c in (rows[0] if rows else {"trial": ""}) if c != "run_id"]
+    _print_table(rows, columns)
+
+
+def cmd_runs(args: argparse.Namespace) -> None:
+    from .tracking import SWEEP_TAG, SweepTracker
+
+    uri = tracking_uri(args.tracking_uri)
+    tracker = SweepTracker(uri, args.experiment)
+    parents = tracker.client.search_runs(
+        [tracker.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = 'parent'", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    if not parents:
+        raise RuntimeError(f"no sweep in experiment {args.experiment!r} at {uri}")
+    parent = parents[0]
+    search = json.loads(parent.data.params.get("search_space", "{}"))
+    searched = [key for key, value in search.items() if isinstance(value, dict)]
+    print(f"sweep {parent.info.run_name} ({parent.info.status}), parent run {parent.info.run_id}")
+    _print_leaderboard(tracker.leaderboard(parent.info.run_id, searched))
+
+
+def cmd_ui(args: argparse.Namespace) -> None:
+    uri = tracking_uri(args.tracking_uri)
+    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
+    try:
+        subprocess.run(command, check=False)
+    except KeyboardInterrupt:
+        pass
+
+
 def _add_train_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("--model", default=defaults.get("model", "hmm"), help="model family")
     parser.add_argument("--data", default=defaults.get("data", "jsb"), help="data set name or file path")
@@ -130,6 +182,27 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one model and print its NLL per frame")
     _add_train_arguments(train, {})
     train.set_defaults(run=cmd_train)
+
+    sweep = commands.add_parser("sweep", help="run a sweep file on Ray Tune, tracked in MLflow")
+    sweep.add_argument("config", help="sweep YAML file (see configs/)")
+    sweep.add_argument("--address", default=None, help="an existing Ray cluster (default: a local Ray)")
+    sweep.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the embedded store)")
+    sweep.add_argument("--storage", default=None, help="Ray Tune storage (default: $PYROSWEEP_HOME/ray_results)")
+    sweep.add_argument("--num-samples", type=int, default=None)
+    sweep.add_argument("--max-concurrent", type=int, default=None)
+    sweep.add_argument("--resume", action="store_true", help="finish the sweep's interrupted last run")
+    sweep.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    sweep.set_defaults(run=cmd_sweep)
+
+    runs = commands.add_parser("runs", help="leaderboard of the latest sweep of an experiment")
+    runs.add_argument("--experiment", required=True, help="the sweep name")
+    runs.add_argument("--tracking-uri", default=None)
+    runs.set_defaults(run=cmd_runs)
+
+    ui = commands.add_parser("ui", help="the MLflow UI on the same store, on 127.0.0.1")
+    ui.add_argument("--tracking-uri", default=None)
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(run=cmd_ui)
 
     demo = commands.add_parser("demo", help=f"the main job on embedded defaults: {DEMO}")
     _add_train_arguments(demo, DEMO)

@@ -1,0 +1,236 @@
+"""MLflow layout of a sweep (DESIGN.md section 5), written from the driver only.
+
+One experiment per sweep name; one parent run per sweep; one child run per trial
+(tag ``mlflow.parentRunId``) that keeps its run across retries and resumes (found again
+by its ``ray.trial_id`` tag). A ``tune.Callback`` does all the logging in the driver, so
+the embedded SQLite store has a single writer and a trial that is stopped or killed can
+never leave its run RUNNING: the driver ends it FINISHED or FAILED with the error.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from trainables.data import Dataset, load_dataset
+from trainables.svi import load_checkpoint
+
+from .home import artifact_location
+from .plots import loss_curve_png, model_picture_png, sweep_plot_png
+
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_TAG = "ray.trial_id"
+SWEEP_TAG = "pyrosweep.sweep"
+EPOCH_METRICS = ("train_loss", "valid_nll", "epoch_s", "best_valid_nll", "test_nll", "screen_best", "screen_worst")
+ERROR_TAG_LIMIT = 5000
+
+
+class SweepTracker:
+    """MLflow operations on one experiment: the parent run, its children, the leaderboard."""
+
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        self.client = MlflowClient(tracking_uri)
+        self.uri = tracking_uri
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = (
+            found.experiment_id
+            if found is not None
+            else self.client.create_experiment(experiment, artifact_location(tracking_uri, experiment))
+        )
+
+    def start_parent(self, run_name: str, params: dict[str, Any], sweep_file: Path) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={SWEEP_TAG: "parent"})
+        self.log_params(run.info.run_id, params)
+        self.client.log_artifact(run.info.run_id, str(sweep_file), "sweep")
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+
+    def children(self, parent_run_id: str) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=5000
+        )
+
+    def child_for(self, parent_run_id: str, trial_id: str, params: dict[str, Any]) -> str:
+        """The child run of ``trial_id``: found again after a retry or a resume, else created."""
+        for run in self.children(parent_run_id):
+            if run.data.tags.get(TRIAL_TAG) == trial_id:
+                if run.info.status != "RUNNING":
+                    self.client.update_run(run.info.run_id, status="RUNNING")
+                return run.info.run_id
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{trial_id}",
+            tags={PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, SWEEP_TAG: "trial"},
+        )
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def leaderboard(self, parent_run_id: str, searched: list[str]) -> list[dict[str, Any]]:
+        """One row per trial, best ``best_valid_nll`` first (failed and unscored last)."""
+        rows = []
+        for run in self.children(parent_run_id):
+            metrics = run.data.metrics
+            rows.append(
+                {
+                    "trial": run.data.tags.get(TRIAL_TAG, ""),
+                    "status": run.info.status,
+                    **{key: run.data.params.get(key, "") for key in searched},
+                    "best_valid_nll": metrics.get("best_valid_nll", math.nan),
+                    "test_nll": metrics.get("test_nll", math.nan),
+                    "epochs": int(metrics.get("epoch", 0)),
+                    "run_id": run.info.run_id,
+                }
+            )
+        return sorted(rows, key=_rank)
+
+
+def _rank(row: dict[str, Any]) -> tuple[bool, float]:
+    value = row["best_valid_nll"]
+    scored = row["status"] == "FINISHED" and math.isfinite(value)
+    return (not scored, value if scored else math.inf)
+
+
+def _trial_error(trial) -> str:
+    if trial.error_file and Path(trial.error_file).exists():
+        return Path(trial.error_file).read_text()
+    return "the trial failed without an error file"
+
+
+class MLflowTrialLogger(tune.Callback):
+    """Logs every trial of a sweep into its child run, from the driver.
+
+    Tune pickles its callbacks with the experiment state (for ``Tuner.restore``), so this
+    holds only what it needs to reconnect: the MLflow client and the data set (for the
+    model pictures) are made again on first use.
+    """
+
+    def __init__(
+        self, tracking_uri: str, experiment: str, parent_run_id: str, fixed_params: dict[str, Any], data_spec: dict[str, Any]
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.parent_run_id = parent_run_id
+        self.fixed_params = fixed_params
+        self.data_spec = data_spec
+        self._cache: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": {}}
+
+    @property
+    def tracker(self) -> SweepTracker:
+        if "tracker" not in self._cache:
+            self._cache["tracker"] = SweepTracker(self.tracking_uri, self.experiment)
+        return self._cache["tracker"]
+
+    @property
+    def data(self) -> Dataset:
+        if "data" not in self._cache:
+            self._cache["data"] = load_dataset(**self.data_spec)
+        return self._cache["data"]
+
+    def _run_id(self, trial) -> str:
+        run_ids = self._cache.setdefault("run_ids", {})
+        if trial.trial_id not in run_ids:
+            params = {**self.fixed_params, **trial.config}
+            run_ids[trial.trial_id] = self.tracker.child_for(self.parent_run_id, trial.trial_id, params)
+        return run_ids[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._run_id(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        run_id = self._run_id(trial)
+        step, now = int(result["epoch"]), int(time.time() * 1000)
+        metrics = [Metric(k, float(result[k]), now, step) for k in EPOCH_METRICS if k in result]
+        metrics.append(Metric("epoch", float(step), now, step))
+        tags = [RunTag("ray.node_id", str(result.get("node_id", ""))), RunTag("hostname", str(result.get("hostname", "")))]
+        self.tracker.client.log_batch(run_id, metrics=metrics, tags=tags)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        run_id = self._run_id(trial)
+        client = self.tracker.client
+        try:
+            self._log_artifacts(run_id, trial)
+        except Exception as error:  # the run still ends, with what went wrong
+            client.set_tag(run_id, "artifact_error", f"{type(error).__name__}: {error}"[:ERROR_TAG_LIMIT])
+        client.set_terminated(run_id, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        run_id = self._run_id(trial)
+        error = _trial_error(trial)
+        self.tracker.client.set_tag(run_id, "error", error[-ERROR_TAG_LIMIT:])
+        self.tracker.client.log_text(run_id, error, "error.txt")
+        self.tracker.client.set_terminated(run_id, "FAILED")
+
+    def _log_artifacts(self, run_id: str, trial) -> None:
+        client = self.tracker.client
+        client.log_dict(run_id, trial.config, "trial_config.json")
+        with tempfile.TemporaryDirectory() as scratch:
+            history = self._history(run_id)
+            client.log_artifact(run_id, str(loss_curve_png(history, Path(scratch) / "loss_curve.png")))
+            if trial.checkpoint is None:
+                return
+            with trial.checkpoint.as_directory() as directory:
+                client.log_artifacts(run_id, directory, "checkpoint")
+                model = load_checkpoint(directory)
+            picture = model_picture_png(model, self.data.splits["valid"], Path(scratch) / "model.png")
+            client.log_artifact(run_id, str(picture))
+
+    def _history(self, run_id: str) -> list[dict[str, float]]:
+        client = self.tracker.client
+        series = {key: client.get_metric_history(run_id, key) for key in ("train_loss", "valid_nll")}
+        by_epoch: dict[int, dict[str, float]] = {}
+        for key, points in series.items():
+            for point in points:
+                by_epoch.setdefault(point.step, {"epoch": point.step})[key] = point.value
+        return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def write_leaderboard_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["trial"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def finish_parent(
+    tracker: SweepTracker, parent_run_id: str, searched: list[str], trial_errors: dict[str, str]
+) -> list[dict[str, Any]]:
+    """End the sweep: every child ends FINISHED or FAILED (whatever happened to the driver
+    before), the parent gets the leaderboard CSV, the search plot and the best trial."""
+    client = tracker.client
+    for run in tracker.children(parent_run_id):
+        if run.info.status == "RUNNING":
+            error = trial_errors.get(run.data.tags.get(TRIAL_TAG, ""))
+            if error:
+                client.set_tag(run.info.run_id, "error", error[-ERROR_TAG_LIMIT:])
+            client.set_terminated(run.info.run_id, "FAILED" if error else "FINISHED")
+    rows = tracker.leaderboard(parent_run_id, searched)
+    with tempfile.TemporaryDirectory() as scratch:
+        client.log_artifact(parent_run_id, str(write_leaderboard_csv(rows, Path(scratch) / "leaderboard.csv")))
+        plot_rows = [{**row, "valid_nll": row["best_valid_nll"]} for row in rows]
+        client.log_artifact(parent_run_id, str(sweep_plot_png(plot_rows, searched, "valid_nll", Path(scratch) / "search.png")))
+    best = rows[0] if rows and _rank(rows[0])[0] is False else None
+    if best is not None:
+        client.log_batch(
+            parent_run_id,
+            metrics=[
+                Metric("best_valid_nll", best["best_valid_nll"], int(time.time() * 1000), 0),
+                Metric("best_test_nll", best["test_nll"], int(time.time() * 1000), 0),
+            ],
+            tags=[RunTag("best_trial_id", best["trial"]), RunTag("best_run_id", best["run_id"])],
+        )
+    client.set_terminated(parent_run_id, "FINISHED")
+    return rows

@@ -1,0 +1,213 @@
+"""Sweeps end to end: a real local Ray, a real MLflow store, real training, faults on purpose.
+
+One Ray head serves the whole module (with one logical GPU for the accounting test);
+the CLI tests run ``pyrosweep sweep`` as a separate driver process against it.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from cluster.sweep import run_sweep
+from cluster.sweep_file import load_sweep_file
+from cluster.tracking import PARENT_TAG, SWEEP_TAG, TRIAL_TAG
+
+pytestmark = pytest.mark.slow
+
+SWEEP = """
+name: {name}
+model: hmm
+data: {{name: synthetic-hmm, num_sequences: {sequences}, length: 20, hidden_dim: 2}}
+train: {{epochs: {epochs}, batch_size: 10, patience: 50}}
+search:
+  hidden_dim: {hidden_dim}
+  lr: {{loguniform: [0.01, 0.1]}}
+  seed: {{randint: [0, 1000]}}
+restarts: {{screen: 4, keep: 1}}
+num_samples: {num_samples}
+resources: {{cpu: 1, gpu: {gpu}}}
+max_concurrent: 2
+max_failures: 1
+checkpoint_every: 2
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def write_sweep(
+    tmp_path: Path,
+    name: str,
+    epochs: int = 4,
+    num_samples: int = 1,
+    gpu: float = 0,
+    hidden_dim: str = "{grid: [2, 3]}",
+    sequences: int = 30,
+) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    text = SWEEP.format(
+        name=name, epochs=epochs, num_samples=num_samples, gpu=gpu, hidden_dim=hidden_dim, sequences=sequences
+    )
+    path.write_text(text)
+    return path
+
+
+def mlflow_runs(uri: str, name: str):
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get(SWEEP_TAG) == "parent"]
+    children = [r for r in runs if r.data.tags.get(SWEEP_TAG) == "trial"]
+    return client, parents, children
+
+
+def test_a_tiny_sweep_logs_one_parent_and_a_finished_child_per_trial(tmp_path, ray_address):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = load_sweep_file(write_sweep(tmp_path, "tiny"))
+    outcome = run_sweep(spec, tracking=uri, storage=str(tmp_path / "ray"))
+    client, parents, children = mlflow_runs(uri, "tiny")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+    for child in children:
+        assert child.data.tags[PARENT_TAG] == parents[0].info.run_id
+        assert child.data.tags["ray.node_id"] and child.data.tags["hostname"]
+        assert {"hidden_dim", "lr", "seed", "model", "epochs"} <= set(child.data.params)
+        history = client.get_metric_history(child.info.run_id, "valid_nll")
+        assert [m.step for m in history] == [1, 2, 3, 4]
+        assert "test_nll" in child.data.metrics and "screen_best" in child.data.metrics
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"loss_curve.png", "model.png", "checkpoint", "trial_config.json"} <= artifacts
+        checkpoint = {a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")}
+        assert {"checkpoint/model.pt", "checkpoint/config.json"} <= checkpoint
+    parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"leaderboard.csv", "search.png", "sweep"} <= parent_artifacts
+    leaderboard = Path(client.download_artifacts(parents[0].info.run_id, "leaderboard.csv", str(tmp_path)))
+    rows = list(csv.DictReader(leaderboard.open()))
+    by_run = {c.info.run_id: c for c in children}
+    assert {row["run_id"] for row in rows} == set(by_run)
+    for row in rows:
+        assert float(row["best_valid_nll"]) == pytest.approx(by_run[row["run_id"]].data.metrics["best_valid_nll"])
+    assert outcome.best["run_id"] == rows[0]["run_id"]
+    assert parents[0].data.tags["best_run_id"] == rows[0]["run_id"]
+
+
+def test_faults_end_as_failed_or_are_retried_and_nothing_is_left_running(tmp_path, ray_address):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = load_sweep_file(write_sweep(tmp_path, "faults", epochs=5, hidden_dim="2"))
+    faults = [None, {"kind": "raise", "epoch": 2}, {"kind": "nan", "epoch": 3}, {"kind": "kill", "epoch": 3}]
+    outcome = run_sweep(spec, tracking=uri, storage=str(tmp_path / "ray"), extra_space={"_fault": tune.grid_search(faults)})
+    client, parents, children = mlflow_runs(uri, "faults")
+    assert parents[0].info.status == "FINISHED"
+    assert len(children) == 4 and len({c.data.tags[TRIAL_TAG] for c in children}) == 4
+    by_fault = {c.data.params["_fault"]: c for c in children}
+    assert by_fault["None"].info.status == "FINISHED"
+    raised = by_fault[str(faults[1])]
+    assert raised.info.status == "FAILED" and "injected fault at epoch 2" in raised.data.tags["error"]
+    diverged = by_fault[str(faults[2])]
+    assert diverged.info.status == "FAILED" and "non-finite training loss" in diverged.data.tags["error"]
+    killed = by_fault[str(faults[3])]
+    assert killed.info.status == "FINISHED", "a killed worker is retried from its checkpoint"
+    steps = [m.step for m in client.get_metric_history(killed.info.run_id, "valid_nll")]
+    assert steps == [1, 2, 3, 4, 5]
+    assert outcome.best["status"] == "FINISHED"
+    assert outcome.best["run_id"] in {by_fault["None"].info.run_id, killed.info.run_id}
+
+
+def test_a_fractional_gpu_request_is_accounted_and_missing_cuda_is_a_clear_failure(tmp_path, ray_address):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = load_sweep_file(write_sweep(tmp_path, "gpu", epochs=2, gpu=0.5))
+    run_sweep(spec, tracking=uri, storage=str(tmp_path / "ray"))
+    _, parents, children = mlflow_runs(uri, "gpu")
+    assert len(children) == 2
+    for child in children:
+        assert child.data.params["resources_gpu"] == "0.5"
+        assert child.info.status == "FAILED"
+        assert "given 0.5 GPU by Ray but CUDA is not available" in child.data.tags["error"]
+    assert parents[0].info.status == "FINISHED"
+
+
+def pyrosweep(*args: str, tmp_path: Path, log: str, extra_env: dict | None = None) -> subprocess.Popen:
+    """``pyrosweep ARGS`` as its own process group, output into ``tmp_path / log``."""
+    env = {**os.environ, "PYROSWEEP_HOME": str(tmp_path / "home"), **(extra_env or {})}
+    with (tmp_path / log).open("w") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", *args], env=env, text=True,
+            stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
+def finish(process: subprocess.Popen, tmp_path: Path, log: str, timeout: float = 600) -> str:
+    process.wait(timeout=timeout)
+    return (tmp_path / log).read_text()
+
+
+def test_driver_killed_then_resume_finishes_the_same_sweep(tmp_path, ray_address):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    epochs = 60
+    config = write_sweep(tmp_path, "resume", epochs=epochs, num_samples=2, sequences=300)
+    common = ["--address", ray_address, "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]
+    driver = pyrosweep(
+        "sweep", str(config), *common, tmp_path=tmp_path, log="first.log", extra_env={"TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        time.sleep(1)
+        try:
+            client, _, children = mlflow_runs(uri, "resume")
+        except Exception:  # the store or experiment may not exist yet
+            continue
+        progressed = [c for c in children if client.get_metric_history(c.info.run_id, "valid_nll")]
+        if len(progressed) >= 2 and any(len(client.get_metric_history(c.info.run_id, "valid_nll")) >= 9 for c in progressed):
+            break
+    time.sleep(2)  # let Tune save its experiment state once more
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    _, parents_before, children_before = mlflow_runs(uri, "resume")
+    resumed = pyrosweep("sweep", str(config), *common, "--resume", tmp_path=tmp_path, log="resumed.log")
+    output = finish(resumed, tmp_path, "resumed.log")
+    assert resumed.returncode == 0, output
+    assert "best trial" in output
+    client, parents, children = mlflow_runs(uri, "resume")
+    assert [p.info.run_id for p in parents] == [p.info.run_id for p in parents_before]
+    assert parents[0].info.status == "FINISHED"
+    trial_ids = [c.data.tags[TRIAL_TAG] for c in children]
+    assert len(trial_ids) == len(set(trial_ids)) == 4
+    assert {c.info.run_id for c in children_before} <= {c.info.run_id for c in children}
+    assert {c.info.status for c in children} == {"FINISHED"}
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "valid_nll")]
+        assert steps.count(1) == 1, "no trial trained twice from scratch"
+        assert sorted(set(steps)) == list(range(1, epochs + 1))
+
+    runs = pyrosweep("runs", "--experiment", "resume", "--tracking-uri", uri, tmp_path=tmp_path, log="runs.log")
+    table = finish(runs, tmp_path, "runs.log")
+    assert runs.returncode == 0, table
+    for child in children:
+        assert child.data.tags[TRIAL_TAG] in table
+
+
+def test_a_bad_sweep_file_is_refused_before_ray_starts(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(write_sweep(tmp_path, "bad").read_text().replace("patience: 50", "patiense: 50"))
+    started = time.perf_counter()
+    process = pyrosweep("sweep", str(bad), tmp_path=tmp_path, log="bad.log")
+    output = finish(process, tmp_path, "bad.log", timeout=120)
+    assert process.returncode == 2
+    assert "train.patiense" in output and "Traceback" not in output
+    assert "Ray" not in output
+    assert time.perf_counter() - started < 60

@@ -1,0 +1,198 @@
+"""The Ray Tune function trainable: a thin adapter around :mod:`trainables.svi`.
+
+One trial builds the family's model from the trial's hyperparameters, screens
+``screen`` initialisations and trains the ``keep`` best side by side (one epoch each in
+turn), reports after every epoch the metrics of the candidate the training objective
+prefers, checkpoints every ``checkpoint_every`` epochs and at the end, and resumes from
+``tune.get_checkpoint()`` after a failure or an interrupted sweep.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from .data import Dataset
+from .models import FAMILIES, MapModel, build_model
+from .svi import Trainer, TrainConfig, save_checkpoint, screen_initializations
+
+TRIAL_STATE = "trial_state.pt"
+TRAIN_KEYS = frozenset(f.name for f in fields(TrainConfig)) - {"screen", "device", "threads"}
+FAULT_KEY = "_fault"  # test hook: {"kind": "raise" | "nan" | "kill", "epoch": E}
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a sweep shares; travels once through ``tune.with_parameters``."""
+
+    family: str
+    data: Dataset
+    train: dict[str, Any]  # fixed TrainConfig fields
+    screen: int = 1
+    keep: int = 1
+    checkpoint_every: int = 5
+
+
+def split_config(family: str, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a trial's hyperparameters into model keyword arguments (``hidden_dim`` and
+    the family's hyperparameters) and ``TrainConfig`` fields."""
+    model_keys = {"hidden_dim", *FAMILIES[family].hparam_names()}
+    unknown = sorted(set(config) - model_keys - TRAIN_KEYS - {FAULT_KEY})
+    if unknown:
+        raise ValueError(f"{family}: unknown trial hyperparameter(s) {unknown}")
+    model_kwargs = {k: v for k, v in config.items() if k in model_keys}
+    train_kwargs = {k: v for k, v in config.items() if k in TRAIN_KEYS}
+    return model_kwargs, train_kwargs
+
+
+def trial_device(gpus: float) -> str:
+    """``cuda`` when Ray gave this trial a GPU (it sets ``CUDA_VISIBLE_DEVICES``), else ``cpu``."""
+    if gpus <= 0:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"this trial was given {gpus} GPU by Ray but CUDA is not available on "
+            f"{socket.gethostname()}: request gpu: 0 or run on a node with a CUDA device"
+        )
+    return "cuda"
+
+
+def _inject_fault(fault: dict[str, Any] | None, epoch: int, restored: bool, trainers: list[Trainer]) -> None:
+    """Test hook: fail on purpose at ``fault["epoch"]`` (``kill`` only before any restore)."""
+    if not fault or fault["epoch"] != epoch:
+        return
+    if fault["kind"] == "raise":
+        raise RuntimeError(f"injected fault at epoch {epoch}")
+    if fault["kind"] == "nan":
+        with torch.no_grad():
+            for trainer in trainers:
+                for parameter in trainer.model.parameters():
+                    parameter.fill_(math.nan)
+    if fault["kind"] == "kill" and not restored:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Trial:
+    """The candidates of one trial and their reporting."""
+
+    def __init__(self, config: dict[str, Any], setup: TrialSetup) -> None:
+        model_kwargs, train_kwargs = split_config(setup.family, config)
+        resources = tune.get_context().get_trial_resources().required_resources
+        self.config = TrainConfig(
+            **{**setup.train, **train_kwargs},
+            device=trial_device(resources.get("GPU", 0)),
+            threads=max(1, int(resources.get("CPU", 1))),
+        )
+        self.setup = setup
+        self.fault = config.get(FAULT_KEY)
+        self.screening: list[float] = []
+        data = setup.data
+        self.trainers = [
+            Trainer(
+                build_model(setup.family, data_dim=data.data_dim, **model_kwargs),
+                data,
+                self.config,
+                initial_parameters=start,
+            )
+            for start in self._starts(model_kwargs)
+        ]
+        self.restored = self._restore()
+        self._test_nll: tuple[tuple[int, int], float] | None = None
+
+    def _starts(self, model_kwargs: dict[str, Any]) -> list[dict[str, torch.Tensor] | None]:
+        """Initial parameters of the ``keep`` candidates: the best of ``screen`` draws."""
+        setup = self.setup
+        model = build_model(setup.family, data_dim=setup.data.data_dim, **model_kwargs)
+        if setup.screen == 1 and setup.keep == 1:
+            return [None]
+        if not isinstance(model, MapModel):
+            raise ValueError(f"{setup.family}: restarts (best-of-N screening) need a MAP family")
+        generator = torch.Generator().manual_seed(self.config.seed)
+        losses, starts = screen_initializations(
+            model, setup.data.splits["train"], setup.screen, generator, keep=setup.keep
+        )
+        self.screening = [loss for loss in losses.tolist() if math.isfinite(loss)]
+        return starts
+
+    def _restore(self) -> bool:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return False
+        with checkpoint.as_directory() as directory:
+            states = torch.load(Path(directory) / TRIAL_STATE, weights_only=True, map_location="cpu")
+        for trainer, state in zip(self.trainers, states):
+            trainer.load_state_dict(state)
+        return True
+
+    @property
+    def epoch(self) -> int:
+        return max(trainer.epoch for trainer in self.trainers)
+
+    def chosen(self) -> int:
+        """Index of the candidate the training objective prefers (lowest last train loss)."""
+        return min(range(len(self.trainers)), key=lambda i: self.trainers[i].history[-1].train_loss)
+
+    def test_nll(self, index: int) -> float:
+        """Test NLL of candidate ``index`` at its best epoch (computed once per best)."""
+        key = (index, self.trainers[index].best_epoch)
+        if self._test_nll is None or self._test_nll[0] != key:
+            self._test_nll = (key, self.trainers[index].best_test_nll())
+        return self._test_nll[1]
+
+    def metrics(self) -> dict[str, Any]:
+        index = self.chosen()
+        trainer = self.trainers[index]
+        last = trainer.history[-1]
+        metrics = {
+            "epoch": self.epoch,
+            "train_loss": last.train_loss,
+            "valid_nll": last.valid_nll,
+            "epoch_s": sum(t.history[-1].epoch_s for t in self.trainers if t.epoch == self.epoch),
+            "best_valid_nll": trainer.best_valid,
+            "best_epoch": trainer.best_epoch,
+            "test_nll": self.test_nll(index),
+            "candidate": index,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "hostname": socket.gethostname(),
+        }
+        if self.screening:
+            metrics.update(screen_best=min(self.screening), screen_worst=max(self.screening))
+        return metrics
+
+    def checkpoint(self, directory: str) -> tune.Checkpoint:
+        """The state of every candidate, plus the chosen one's best model as a plain
+        checkpoint (``model.pt``, ``config.json``) for artifacts and promotion."""
+        torch.save([trainer.state_dict() for trainer in self.trainers], Path(directory) / TRIAL_STATE)
+        trainer = self.trainers[self.chosen()]
+        model = build_model(**trainer.model.config)
+        model.load_state_dict(trainer.best_state)
+        save_checkpoint(model, directory, best_epoch=trainer.best_epoch, valid_nll=trainer.best_valid)
+        return tune.Checkpoint.from_directory(directory)
+
+    def run(self) -> None:
+        while not all(trainer.done for trainer in self.trainers):
+            for trainer in self.trainers:
+                if not trainer.done:
+                    _inject_fault(self.fault, trainer.epoch + 1, self.restored, [trainer])
+                    trainer.run_epoch()
+            finished = all(trainer.done for trainer in self.trainers)
+            if finished or self.epoch % self.setup.checkpoint_every == 0:
+                with tempfile.TemporaryDirectory() as directory:
+                    tune.report(self.metrics(), checkpoint=self.checkpoint(directory))
+            else:
+                tune.report(self.metrics())
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """The function trainable: ``tune.with_parameters(run_trial, setup=...)``."""
+    Trial(config, setup).run()
