@@ -27,7 +27,7 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
 
 
 def _format(value) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def cmd_data_list(args: argparse.Namespace) -> None:

@@ -23,9 +23,12 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colorbar import Colorbar
 from matplotlib.colors import BoundaryNorm, Colormap, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
+from matplotlib.patheffects import withStroke
+from matplotlib.ticker import MaxNLocator
 
 from trainables.data import Split
 from trainables.models import SequenceModel
@@ -39,6 +42,7 @@ PathLike = str | os.PathLike[str]
 _MAX_LABELLED_STATES = 12
 #: a positive numeric hyperparameter spread over more than this factor is plotted on a log axis
 _LOG_AXIS_SPREAD = 20.0
+_HALO = [withStroke(linewidth=2.5, foreground="white")]
 _BEST_STYLE = {"marker": "*", "s": 260, "color": "crimson", "edgecolors": "black", "zorder": 5}
 
 
@@ -82,10 +86,15 @@ def _state_colors(num_states: int) -> tuple[Colormap, BoundaryNorm]:
     return cmap, BoundaryNorm(np.arange(num_states + 1) - 0.5, num_states)
 
 
-def _state_colorbar(fig: Figure, mappable: Any, ax: Axes, num_states: int, label: str) -> None:
+def _state_colorbar(
+    fig: Figure, mappable: Any, ax: Axes, num_states: int, label: str, max_ticks: int = 12
+) -> Colorbar:
+    """A colorbar of discrete states with at most ``max_ticks`` integer ticks."""
     bar = fig.colorbar(mappable, ax=ax, label=label, pad=0.01)
-    step = max(1, math.ceil(num_states / _MAX_LABELLED_STATES))
+    step = max(1, math.ceil(num_states / max_ticks))
     bar.set_ticks(np.arange(0, num_states, step))
+    bar.minorticks_off()
+    return bar
 
 
 # ---------------------------------------------------------------- loss curve
@@ -162,20 +171,14 @@ def _first_sequence(model: SequenceModel, split: Split) -> tuple[torch.Tensor, t
     return x, lengths, int(lengths[0])
 
 
-def _frames_image(fig: Figure, ax: Axes, frames: np.ndarray, binary: bool, title: str) -> None:
-    """Draw ``frames`` ``(L, D)`` as an image: one column per frame, one row per value."""
-    if binary:
-        image = ax.imshow(frames.T, origin="lower", aspect="auto", cmap="Greys", vmin=0, vmax=1,
-                          interpolation="nearest")
-        bar = fig.colorbar(image, ax=ax, pad=0.01, ticks=[0, 1])
-        bar.set_ticklabels(["off", "on"])
-        ax.set_ylabel("key (0 = lowest)")
-    else:
-        limit = float(np.abs(frames).max()) or 1.0
-        image = ax.imshow(frames.T, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-limit,
-                          vmax=limit, interpolation="nearest")
-        fig.colorbar(image, ax=ax, pad=0.01, label="value")
-        ax.set_ylabel("dimension")
+def _piano_roll(fig: Figure, ax: Axes, frames: np.ndarray, title: str) -> None:
+    """Draw binary ``frames`` ``(L, D)`` as a piano roll: one column per frame, one row
+    per key, lowest key at the bottom."""
+    image = ax.imshow(frames.T, origin="lower", aspect="auto", cmap="Greys", vmin=0, vmax=1,
+                      interpolation="nearest")
+    bar = fig.colorbar(image, ax=ax, pad=0.01, ticks=[0, 1])
+    bar.set_ticklabels(["off", "on"])
+    ax.set_ylabel("key (0 = lowest)")
     ax.set_title(title)
     ax.tick_params(labelbottom=False)
 
@@ -230,15 +233,26 @@ def _hmm_figure(model: HMMFamily, split: Split) -> Figure:
     if model.family == "gaussian-hmm":
         _gaussian_frames(fig, top, frames, states, model.hidden_dim, title)
     else:
-        _frames_image(fig, top, frames, binary=True, title=title)
+        _piano_roll(fig, top, frames, title)
     cmap, norm = _state_colors(model.hidden_dim)
     image = strip.imshow(states[None, :], aspect="auto", cmap=cmap, norm=norm,
                          interpolation="nearest", extent=(-0.5, length - 0.5, 0, 1))
-    _state_colorbar(fig, image, strip, model.hidden_dim, "state")
+    _state_colorbar(fig, image, strip, model.hidden_dim, "state", max_ticks=4)
+    _label_runs(strip, states)
     strip.set_yticks([])
     strip.set_ylabel("Viterbi\nstate")
     strip.set_xlabel("time (frame)")
     return fig
+
+
+def _label_runs(ax: Axes, states: np.ndarray) -> None:
+    """Write the state number on every run of ``states`` ``(L,)`` long enough to hold it."""
+    starts = np.flatnonzero(np.diff(states, prepend=-2))
+    ends = np.append(starts[1:], len(states))
+    for start, end in zip(starts, ends):
+        if end - start >= max(2, 0.03 * len(states)):
+            ax.text((start + end - 1) / 2, 0.5, str(states[start]), ha="center", va="center",
+                    fontsize=9, fontweight="bold", path_effects=_HALO)
 
 
 def _gaussian_frames(fig: Figure, ax: Axes, frames: np.ndarray, states: np.ndarray,
@@ -248,11 +262,14 @@ def _gaussian_frames(fig: Figure, ax: Axes, frames: np.ndarray, states: np.ndarr
     cmap, norm = _state_colors(num_states)
     time = np.arange(len(frames))
     for d, marker in zip(range(min(2, frames.shape[1])), ("o", "s")):
-        ax.plot(time, frames[:, d], color="grey", linewidth=0.8, zorder=1)
+        ax.plot(time, frames[:, d], color="grey", linewidth=0.8, marker=marker,
+                markerfacecolor="none", zorder=1, label=f"dimension {d}")
         points = ax.scatter(time, frames[:, d], c=states, cmap=cmap, norm=norm, marker=marker,
-                            edgecolors="black", linewidths=0.4, zorder=2, label=f"dimension {d}")
+                            edgecolors="black", linewidths=0.4, zorder=2)
     _state_colorbar(fig, points, ax, num_states, "Viterbi state")
     ax.set_ylabel("value")
+    if frames.shape[1] > 2:
+        title += f"\n(dimensions 0 and 1 of {frames.shape[1]})"
     ax.set_title(title)
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
@@ -273,13 +290,13 @@ def _gmm_figure(model: SequenceModel, x: torch.Tensor) -> Figure:
     variance = model.hparams["variance"]
     if points.shape[1] == 1:
         _gmm_histogram(ax, points[:, 0], assignment, weights, locs[:, 0], scales[:, 0])
+        shown = f"histogram of {len(points)} points stacked by MAP component"
     else:
         _gmm_scatter(fig, ax, points, assignment, weights, locs, scales)
-    ax.set_title(
-        f"gmm: {model.hidden_dim} components, variance '{variance}'\n"
-        f"{len(points)} points colored by MAP component"
-        + (f" (first 2 of {points.shape[1]} dimensions)" if points.shape[1] > 2 else "")
-    )
+        shown = f"{len(points)} points colored by MAP component; X: mean, ellipse: 2 sigma"
+        if points.shape[1] > 2:
+            shown += f"\n(first 2 of {points.shape[1]} dimensions)"
+    ax.set_title(f"gmm: {model.hidden_dim} components, variance '{variance}'\n{shown}")
     ax.grid(alpha=0.3)
     return fig
 
@@ -296,12 +313,13 @@ def _gmm_scatter(fig: Figure, ax: Axes, points: np.ndarray, assignment: np.ndarr
         ax.add_patch(Ellipse(locs[k, :2], 4 * scales[k, 0], 4 * scales[k, 1], fill=False,
                              edgecolor=cmap(k), linewidth=2))
     ax.scatter(locs[:, 0], locs[:, 1], c=np.arange(num_components), cmap=cmap, norm=norm,
-               marker="X", s=160, edgecolors="black", linewidths=1.2, zorder=4,
-               label="component mean (ellipse: 2 sigma)")
-    _state_colorbar(fig, dots, ax, num_components, "component")
+               marker="X", s=160, edgecolors="black", linewidths=1.2, zorder=4)
+    bar = _state_colorbar(fig, dots, ax, num_components, "component")
+    if num_components <= _MAX_LABELLED_STATES:
+        bar.set_ticks(range(num_components), labels=[f"{k}: weight {w:.2f}" for k, w in
+                                                     enumerate(weights)])
     ax.set_xlabel("dimension 0")
     ax.set_ylabel("dimension 1")
-    ax.legend(loc="best", fontsize=8)
 
 
 def _gmm_histogram(ax: Axes, points: np.ndarray, assignment: np.ndarray, weights: np.ndarray,
@@ -316,7 +334,7 @@ def _gmm_histogram(ax: Axes, points: np.ndarray, assignment: np.ndarray, weights
     for k, (w, loc, scale) in enumerate(zip(weights, locs, scales)):
         density = w * np.exp(-0.5 * ((grid - loc) / scale) ** 2) / (scale * math.sqrt(2 * math.pi))
         ax.plot(grid, density, color=cmap(k), linewidth=2,
-                label=f"component {k}: weight {w:.2f}, mean {loc:.2f}, sd {scale:.2f}")
+                label=f"component {k}: weight {w:.2f} x Normal({loc:.2f}, sd {scale:.2f})")
     ax.set_xlabel("value")
     ax.set_ylabel("density")
     ax.legend(loc="best", fontsize=8)
@@ -328,14 +346,15 @@ def _dmm_figure(model: SequenceModel, split: Split) -> Figure:
     fig = _figure(12.0, 6.4)
     top = fig.add_subplot(2, 1, 1)
     bottom = fig.add_subplot(2, 1, 2, sharex=top)
-    _frames_image(fig, top, x[0, :length].cpu().numpy(), binary=True,
-                  title=f"dmm: first sequence of the split ({length} frames)")
+    _piano_roll(fig, top, x[0, :length].cpu().numpy(),
+                f"dmm: first sequence of the split ({length} frames)")
     limit = float(np.abs(latents).max()) or 1.0
     image = bottom.imshow(latents.T, origin="lower", aspect="auto", cmap="RdBu_r",
                           vmin=-limit, vmax=limit, interpolation="nearest")
     fig.colorbar(image, ax=bottom, pad=0.01, label="posterior mean")
     bottom.set_title(f"posterior-mean latent path z[t] ({latents.shape[1]} latent dimensions)")
     bottom.set_ylabel("latent dimension")
+    bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
     bottom.set_xlabel("time (frame)")
     return fig
 
@@ -369,18 +388,20 @@ def sweep_plot_png(
     best = int(np.argmin(values) if mode == "min" else np.argmax(values))
     keys = list(searched) or [None]
     columns = min(len(keys), 3)
-    fig = _figure(4.6 * columns, 3.8 * math.ceil(len(keys) / columns))
+    fig = _figure(max(4.6 * columns, 8.0), 3.8 * math.ceil(len(keys) / columns) + 0.4)
     for n, key in enumerate(keys):
         ax = fig.add_subplot(math.ceil(len(keys) / columns), columns, n + 1)
         if key is None:
-            _metric_panel(ax, [i for i, _ in done], values, best, "trial index")
+            _metric_panel(ax, [i for i, _ in done], values, best)
+            ax.set_xlabel("trial index")
         else:
             _hyperparameter_panel(ax, key, done, values, best)
         ax.set_ylabel(f"{metric} ({'lower' if mode == 'min' else 'higher'} is better)")
     skipped = len(rows) - len(done)
     fig.suptitle(
-        f"Sweep: {metric} of {len(done)} trials, best {values[best]:.4g} (trial {done[best][0]})"
-        + (f"; {skipped} without a finite {metric} not shown" if skipped else "")
+        f"Sweep: {metric} of {len(done)} trials, one dot each; "
+        f"best {values[best]:.4g} (trial {done[best][0]}, red star)"
+        + (f"\n{skipped} trials without a finite {metric} are not shown" if skipped else "")
     )
     return _save(fig, path)
 
@@ -389,12 +410,16 @@ def _hyperparameter_panel(ax: Axes, key: str, done: list[tuple[int, dict[str, An
                           values: list[float], best: int) -> None:
     """Metric against the value of ``key`` for the trials that have it."""
     present = [n for n, (_, row) in enumerate(done) if key in row]
+    ax.set_xlabel(key)
+    if not present:
+        ax.set_title(f"{key}: no finished trial has a value")
+        return
     settings = [done[n][1][key] for n in present]
     metrics = [values[n] for n in present]
     best_here = present.index(best) if best in present else None
     if all(_is_finite_number(s) for s in settings):
         numbers = np.array(settings, dtype=float)
-        _metric_panel(ax, numbers, metrics, best_here, key)
+        _metric_panel(ax, numbers, metrics, best_here)
         if numbers.min() > 0 and numbers.max() > _LOG_AXIS_SPREAD * numbers.min():
             ax.set_xscale("log")
         elif all(float(s).is_integer() for s in settings) and len(set(settings)) <= 10:
@@ -402,7 +427,7 @@ def _hyperparameter_panel(ax: Axes, key: str, done: list[tuple[int, dict[str, An
     else:
         categories = sorted({str(s) for s in settings})
         positions = [categories.index(str(s)) for s in settings]
-        _metric_panel(ax, positions, metrics, best_here, key)
+        _metric_panel(ax, positions, metrics, best_here)
         ax.set_xticks(range(len(categories)), categories, rotation=30 if len(categories) > 4 else 0)
         ax.set_xlim(-0.5, len(categories) - 0.5)
     ax.set_title(f"{key}" + (f" ({len(done) - len(present)} trials without it)"
@@ -410,12 +435,9 @@ def _hyperparameter_panel(ax: Axes, key: str, done: list[tuple[int, dict[str, An
 
 
 def _metric_panel(ax: Axes, positions: Sequence[float] | np.ndarray, metrics: Sequence[float],
-                  best: int | None, xlabel: str) -> None:
-    """Scatter of ``metrics`` at ``positions``, the ``best`` one as a star."""
-    ax.scatter(positions, metrics, s=36, alpha=0.75, edgecolors="black", linewidths=0.4,
-               label="trial")
+                  best: int | None) -> None:
+    """Scatter of ``metrics`` at ``positions``, the ``best`` one (an index) as a star."""
+    ax.scatter(positions, metrics, s=36, alpha=0.75, edgecolors="black", linewidths=0.4)
     if best is not None:
-        ax.scatter([positions[best]], [metrics[best]], **_BEST_STYLE, label="best trial")
-    ax.set_xlabel(xlabel)
+        ax.scatter([positions[best]], [metrics[best]], **_BEST_STYLE)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)

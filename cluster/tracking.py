@@ -84,7 +84,7 @@ class SweepTracker:
                 {
                     "trial": run.data.tags.get(TRIAL_TAG, ""),
                     "status": run.info.status,
-                    **{key: run.data.params.get(key, "") for key in searched},
+                    **{key: _parse(run.data.params.get(key, "")) for key in searched},
                     "best_valid_nll": metrics.get("best_valid_nll", math.nan),
                     "test_nll": metrics.get("test_nll", math.nan),
                     "epochs": int(metrics.get("epoch", 0)),
@@ -92,6 +92,16 @@ class SweepTracker:
                 }
             )
         return sorted(rows, key=_rank)
+
+
+def _parse(text: str) -> int | float | str:
+    """An MLflow param (always a string) back as the number it was, where it was one."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _rank(row: dict[str, Any]) -> tuple[bool, float]:

@@ -166,6 +166,8 @@ def test_sweep_plot(tmp_path):
         mode="max",
     )
     assert_png(four)
+    missing = sweep_plot_png(rows, ["lr", "not_logged"], "valid_nll", tmp_path / "missing.png")
+    assert_png(missing)
 
 
 def test_sweep_plot_without_searched_keys(tmp_path):

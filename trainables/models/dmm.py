@@ -198,7 +198,7 @@ class DeepMarkovModel(SequenceModel):
         self.transition = GatedTransition(latent_dim, hparams["transition_dim"])
         self.combiner = Combiner(latent_dim, rnn_dim)
         self.rnn = nn.RNN(
-            input_size=self.data_dim, hidden_size=rnn_dim, nonlinearity="relu", batch_first=True
+            input_size=self.data_dim, hidden_size=rnn_dim, nonlinearity="tanh", batch_first=True
         )
         self.iafs = nn.ModuleList(
             affine_autoregressive(latent_dim, hidden_dims=[hparams["iaf_dim"]])
