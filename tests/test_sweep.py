@@ -211,3 +211,36 @@ def test_a_bad_sweep_file_is_refused_before_ray_starts(tmp_path):
     assert "train.patiense" in output and "Traceback" not in output
     assert "Ray" not in output
     assert time.perf_counter() - started < 60
+
+
+@pytest.mark.parametrize("config", ["gmm-synthetic.yaml", "gaussian-hmm-synthetic.yaml"])
+def test_example_configs_run_with_their_scheduler_and_search(tmp_path, ray_address, config):
+    spec = load_sweep_file(Path(__file__).parents[1] / "configs" / config, {"num_samples": 2})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    outcome = run_sweep(spec, tracking=uri, storage=str(tmp_path / "ray"))
+    _, parents, children = mlflow_runs(uri, spec.name)
+    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+    assert outcome.best is not None and parents[0].info.status == "FINISHED"
+
+
+def test_ui_serves_the_same_store_on_loopback(tmp_path):
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ui = pyrosweep("ui", "--tracking-uri", uri, "--port", str(port), tmp_path=tmp_path, log="ui.log")
+    try:
+        deadline, answer = time.time() + 90, None
+        while time.time() < deadline and answer is None:
+            time.sleep(1)
+            try:
+                answer = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+            except OSError:
+                continue
+        assert answer is not None, (tmp_path / "ui.log").read_text()
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
