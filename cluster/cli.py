@@ -149,6 +149,76 @@ def cmd_ui(args: argparse.Namespace) -> None:
         pass
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serving import ServeOptions, run_server
+
+    autoscale = None
+    if args.autoscale:
+        low, _, high = args.autoscale.partition(":")
+        if not (low.isdigit() and high.isdigit() and 0 < int(low) <= int(high)):
+            raise ValueError(f"--autoscale: expected MIN:MAX with 0 < MIN <= MAX, got {args.autoscale!r}")
+        autoscale = (int(low), int(high))
+    options = ServeOptions(
+        model=args.model,
+        tracking_uri=tracking_uri(args.tracking_uri),
+        host=args.host,
+        port=args.port,
+        replicas=args.replicas,
+        autoscale=autoscale,
+        num_gpus=args.num_gpus,
+        max_batch_size=args.max_batch_size,
+        address=args.address,
+    )
+
+    def ready(user_config: dict) -> None:
+        print(f"serving {user_config['source']} on http://{args.host}:{args.port} "
+              f"(API docs at /docs); Ctrl-C to stop, `pyrosweep swap --port {args.port}` to move "
+              f"to the alias's new version", flush=True)
+
+    run_server(options, on_ready=ready)
+    print("stopped", flush=True)
+
+
+def cmd_swap(args: argparse.Namespace) -> None:
+    from .serving import request_swap
+
+    print(f"asked pyrosweep serve (pid {request_swap(args.port)}) to load the current version")
+
+
+def cmd_query(args: argparse.Namespace) -> None:
+    import urllib.error
+    import urllib.request
+
+    body = _read_query_input(args.input)
+    request = urllib.request.Request(
+        f"{args.url.rstrip('/')}/v1/{args.method}", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            print(json.dumps(json.load(response)))
+    except urllib.error.HTTPError as error:
+        raise RuntimeError(f"{error.code}: {json.load(error).get('detail')}") from None
+    except urllib.error.URLError as error:
+        raise RuntimeError(f"cannot reach {args.url}: {error.reason}") from None
+
+
+def _read_query_input(path: str) -> dict:
+    """A request body from a JSON file, or an npz with ``x`` ``(N, T, D)`` and ``lengths``."""
+    if path.endswith(".npz"):
+        import numpy as np
+
+        with np.load(path) as arrays:
+            x, lengths = arrays["x"], arrays["lengths"]
+        return {"sequences": [x[n, : int(length)].tolist() for n, length in enumerate(lengths)]}
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+
 def _add_train_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("--model", default=defaults.get("model", "hmm"), help="model family")
     parser.add_argument("--data", default=defaults.get("data", "jsb"), help="data set name or file path")
@@ -203,6 +273,29 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--tracking-uri", default=None)
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(run=cmd_ui)
+
+    served = commands.add_parser("serve", help="serve a registered model (or a checkpoint) over HTTP with Ray Serve")
+    served.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint directory")
+    served.add_argument("--tracking-uri", default=None)
+    served.add_argument("--host", default="127.0.0.1")
+    served.add_argument("--port", type=int, default=8000)
+    served.add_argument("--replicas", type=int, default=1)
+    served.add_argument("--autoscale", default=None, help="MIN:MAX replicas")
+    served.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (may be fractional)")
+    served.add_argument("--max-batch-size", type=int, default=16)
+    served.add_argument("--address", default=None, help="an existing Ray cluster")
+    served.set_defaults(run=cmd_serve)
+
+    swapped = commands.add_parser("swap", help="move a running `pyrosweep serve` to its alias's current version")
+    swapped.add_argument("--port", type=int, default=8000)
+    swapped.set_defaults(run=cmd_swap)
+
+    query = commands.add_parser("query", help="send a request to a served model and print the answer")
+    query.add_argument("method", choices=["score", "decode", "posterior", "sample"])
+    query.add_argument("--url", default="http://127.0.0.1:8000")
+    query.add_argument("--input", required=True, help="JSON body, or .npz with x (N, T, D) and lengths (N,)")
+    query.add_argument("--timeout", type=float, default=60.0)
+    query.set_defaults(run=cmd_query)
 
     demo = commands.add_parser("demo", help=f"the main job on embedded defaults: {DEMO}")
     _add_train_arguments(demo, DEMO)

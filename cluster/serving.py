@@ -1,0 +1,123 @@
+"""``pyrosweep serve``: deploy a model with Ray Serve in the foreground.
+
+The process runs until SIGINT or SIGTERM, then shuts Serve (and the Ray it started)
+down. SIGHUP (``pyrosweep swap --port PORT``) resolves the model URI again and moves the
+running deployment to the alias's new version through its ``user_config``: the replicas
+call ``reconfigure`` in place and no request fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from mlflow.tracking import MlflowClient
+from ray import serve
+
+from serve.app import ModelServer
+
+from .home import project_home
+
+APP_NAME = "pyrosweep"
+
+
+@dataclass
+class ServeOptions:
+    model: str  # models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint directory
+    tracking_uri: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    autoscale: tuple[int, int] | None = None
+    num_gpus: float = 0.0
+    max_batch_size: int = 16
+    address: str | None = None
+
+
+def pid_file(port: int) -> Path:
+    return project_home() / f"serve-{port}.pid"
+
+
+def resolve_source(options: ServeOptions) -> dict[str, Any]:
+    """The deployment's ``user_config``: a registry URI pinned to a version number (so
+    that moving the alias later is an explicit swap), or an absolute checkpoint path."""
+    if options.model.startswith("models:/"):
+        from serve.registry import resolve_version
+
+        version = resolve_version(MlflowClient(options.tracking_uri), options.model)
+        source = f"models:/{version.name}/{version.version}"
+    else:
+        path = Path(options.model).expanduser().absolute()
+        if not (path / "model.pt").exists():
+            raise FileNotFoundError(f"{options.model}: not a models:/ URI nor a checkpoint directory (no model.pt)")
+        source = str(path)
+    return {"source": source, "tracking_uri": options.tracking_uri}
+
+
+def deployment(options: ServeOptions, user_config: dict[str, Any]):
+    """The bound application for ``serve.run``."""
+    scaling: dict[str, Any] = {"num_replicas": options.replicas}
+    if options.autoscale is not None:
+        low, high = options.autoscale
+        scaling = {"autoscaling_config": {"min_replicas": low, "max_replicas": high}}
+    return ModelServer.options(
+        **scaling,
+        user_config=user_config,
+        ray_actor_options={"num_gpus": options.num_gpus, "num_cpus": 1},
+    ).bind(options.max_batch_size)
+
+
+def swap(options: ServeOptions) -> dict[str, Any]:
+    """Move the running deployment to what ``options.model`` resolves to now."""
+    user_config = resolve_source(options)
+    serve.run(deployment(options, user_config), name=APP_NAME, route_prefix="/")
+    return user_config
+
+
+def run_server(options: ServeOptions, on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; SIGHUP swaps to the URI's current version."""
+    user_config = resolve_source(options)
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(address=options.address, include_dashboard=False, configure_logging=False)
+    stop, reload = threading.Event(), threading.Event()
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: stop.set()),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: stop.set()),
+        signal.SIGHUP: signal.signal(signal.SIGHUP, lambda *_: reload.set()),
+    }
+    pid = pid_file(options.port)
+    try:
+        serve.start(http_options={"host": options.host, "port": options.port})
+        serve.run(deployment(options, user_config), name=APP_NAME, route_prefix="/")
+        pid.parent.mkdir(parents=True, exist_ok=True)
+        pid.write_text(str(os.getpid()))
+        if on_ready is not None:
+            on_ready(user_config)
+        while not stop.wait(0.2):
+            if reload.is_set():
+                reload.clear()
+                user_config = swap(options)
+                print(f"swapped to {user_config['source']}", flush=True)
+    finally:
+        pid.unlink(missing_ok=True)
+        serve.shutdown()
+        if own_ray:
+            ray.shutdown()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def request_swap(port: int) -> int:
+    """Ask the ``pyrosweep serve`` on ``port`` to move to its URI's current version."""
+    pid = pid_file(port)
+    if not pid.exists():
+        raise RuntimeError(f"no pyrosweep serve is running on port {port} (no {pid})")
+    process = int(pid.read_text())
+    os.kill(process, signal.SIGHUP)
+    return process
