@@ -1,0 +1,261 @@
+"""Serving over real HTTP: a real Ray Serve app on loopback, real trained checkpoints.
+
+One Ray + Serve instance for the module; each family is deployed as its own app under
+``/<family>``, which exercises the same deployment ``pyrosweep serve`` runs at ``/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from ray import serve
+
+from cluster.serving import ServeOptions, deployment
+from trainables.data import load_dataset
+from trainables.models import build_model
+from trainables.svi import TrainConfig, load_checkpoint, save_checkpoint, train
+
+pytestmark = pytest.mark.slow
+
+FAMILIES = {
+    "hmm": ("synthetic-hmm", {}),
+    "gaussian-hmm": ("synthetic-gaussian-hmm", {}),
+    "gmm": ("synthetic-gmm", {}),
+    "dmm": ("synthetic-hmm", {"emission_dim": 8, "transition_dim": 8, "rnn_dim": 8}),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def post(url: str, body, timeout: float = 60) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def get(url: str) -> tuple[int, dict]:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.status, json.load(response)
+
+
+def trained_checkpoint(directory: Path, family: str, seed: int = 0, epochs: int = 2) -> Path:
+    data_name, hparams = FAMILIES[family]
+    data = load_dataset(data_name, num_sequences=30, seed=seed)
+    model = build_model(family, data_dim=data.data_dim, hidden_dim=3, **hparams)
+    train(model, data, TrainConfig(epochs=epochs, seed=seed))
+    return save_checkpoint(model, directory / f"{family}-{seed}")
+
+
+def request_inputs(family: str):
+    data_name, _ = FAMILIES[family]
+    split = load_dataset(data_name, num_sequences=30, seed=9).splits["test"]
+    if family == "gmm":
+        return {"points": split.x[:5].tolist()}, (split.x[:5], None)
+    lengths = split.lengths[:4]
+    x = split.x[:4, : int(lengths.max())]
+    return {"sequences": [x[n, :length].tolist() for n, length in enumerate(lengths.tolist())]}, (x, lengths)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Every family deployed from a trained checkpoint; yields base URLs and checkpoints."""
+    directory = tmp_path_factory.mktemp("checkpoints")
+    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    checkpoints = {}
+    for family in FAMILIES:
+        checkpoints[family] = trained_checkpoint(directory, family)
+        options = ServeOptions(model=str(checkpoints[family]), tracking_uri="")
+        app = deployment(options, {"source": str(checkpoints[family]), "tracking_uri": ""})
+        serve.run(app, name=family, route_prefix=f"/{family}")
+    yield {"base": f"http://127.0.0.1:{port}", "checkpoints": checkpoints, "directory": directory}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def close(a, b):
+    torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_served_answers_equal_the_in_process_model(server, family):
+    url = f"{server['base']}/{family}"
+    model = load_checkpoint(server["checkpoints"][family])
+    body, (x, lengths) = request_inputs(family)
+    assert get(f"{url}/healthz") == (200, {"status": "ok", "model": f"{family}-0", "version": None})
+    status, described = get(f"{url}/v1/model")
+    assert status == 200 and described["family"] == family and described["data_dim"] == model.data_dim
+    if family != "dmm":
+        assert set(described["parameters"]) == set(model.get_parameters())
+
+    status, scored = post(f"{url}/v1/score", body)
+    assert status == 200 and scored["exact"] == model.exact
+    steps = model.log_likelihood_steps(x, lengths).detach()
+    if model.exact:
+        close(scored["log_likelihood"], steps.sum(-1).tolist())
+        if lengths is not None:
+            for n, length in enumerate(lengths.tolist()):
+                close(scored["per_step"][n], steps[n, :length].tolist())
+    else:
+        assert all(torch.isfinite(torch.tensor(scored["log_likelihood"])))
+
+    status, decoded = post(f"{url}/v1/decode", body)
+    states, log_joint = model.decode(x, lengths)
+    assert status == 200
+    close(decoded["log_joint"], log_joint.tolist())
+    key = "latents" if family == "dmm" else "states"
+    if lengths is None:
+        assert decoded[key] == states.tolist()
+    else:
+        for n, length in enumerate(lengths.tolist()):
+            close(decoded[key][n], states[n, :length].tolist())
+
+    status, posterior = post(f"{url}/v1/posterior", body)
+    assert status == 200
+    expected = model.posterior(x, lengths)
+    if family == "dmm":
+        close(posterior["loc"][0], expected[0][0, : int(lengths[0])].tolist())
+    elif lengths is None:
+        close(posterior["marginals"], expected.tolist())
+    else:
+        close(posterior["marginals"][1], expected[1, : int(lengths[1])].tolist())
+
+    status, sampled = post(f"{url}/v1/sample", {"num_sequences": 2, "length": 5, "seed": 3})
+    x_sampled, z_sampled = model.sample(2, 5, seed=3)
+    assert status == 200
+    close(sampled["sequences"], x_sampled.tolist())
+    close(sampled["states"], z_sampled.tolist())
+
+
+def test_concurrent_requests_are_batched_and_answered_as_one_by_one(server):
+    url = f"{server['base']}/hmm/v1/score"
+    split = load_dataset("synthetic-hmm", num_sequences=40, seed=5).splits["test"]
+    bodies = [{"sequences": [split.x[n, : int(split.lengths[n])].tolist()]} for n in range(8)]
+    alone = [post(url, body)[1] for body in bodies]
+    together: list = [None] * len(bodies)
+
+    def send(i: int) -> None:
+        together[i] = post(url, bodies[i])[1]
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for a, b in zip(alone, together):
+        close(a["log_likelihood"], b["log_likelihood"])
+        close(a["per_step"], b["per_step"])
+
+
+BAD_REQUESTS = [
+    ("score", b'{"sequences": [[[0, 1, 0', 400, "malformed JSON"),
+    ("score", [], 400, "body: expected a JSON object"),
+    ("score", {}, 422, "sequences: missing"),
+    ("score", {"sequences": []}, 422, "sequences: expected a non-empty list"),
+    ("score", {"sequences": [[]]}, 422, "sequences[0]: expected a non-empty list of frames"),
+    ("score", {"sequences": [[[0] * 8], [[0] * 8, [0] * 7]]}, 422, "sequences[1][1]: expected 8 values, got 7"),
+    ("decode", {"sequences": [[[0] * 7 + ["a"]]]}, 422, "sequences[0][0][7]: expected a number"),
+    ("score", {"sequences": [[[0] * 7 + [0.5]]]}, 422, "expected 0 or 1 for a Bernoulli model"),
+    ("posterior", {"sequences": [[[0] * 7 + [1e400]]]}, 422, "expected a finite number"),
+    ("score", {"sequences": [[[0] * 8]] * 513}, 413, "the limit is 512"),
+    ("sample", {"num_sequences": 0, "length": 3}, 422, "num_sequences: expected an integer"),
+    ("sample", {"num_sequences": 2}, 422, "length: missing"),
+    ("sample", {"num_sequences": 500, "length": 10000}, 413, "frames; the limit"),
+]
+
+
+@pytest.mark.parametrize("method, body, status, detail", BAD_REQUESTS)
+def test_bad_requests_get_a_4xx_that_says_what_and_where(server, method, body, status, detail):
+    url = f"{server['base']}/hmm"
+    answer_status, answer = post(f"{url}/v1/{method}", body)
+    assert answer_status == status and detail in answer["detail"], answer
+    assert get(f"{url}/healthz")[0] == 200
+
+
+def test_hot_swap_under_load_fails_no_request(server):
+    first = server["checkpoints"]["hmm"]
+    second = trained_checkpoint(server["directory"], "hmm", seed=1, epochs=3)
+    url = f"{server['base']}/swap/v1/score"
+    serve.run(deployment(ServeOptions(model=str(first), tracking_uri=""), {"source": str(first), "tracking_uri": ""}),
+              name="swap", route_prefix="/swap")
+    body, (x, lengths) = request_inputs("hmm")
+    expected = {str(p): load_checkpoint(p).log_likelihood(x, lengths).sum().item() for p in (first, second)}
+    seen, failures, stop = [], [], threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            status, answer = post(url, body)
+            if status != 200:
+                failures.append(answer)
+            else:
+                seen.append(sum(answer["log_likelihood"]))
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    time.sleep(1.0)
+    serve.run(deployment(ServeOptions(model=str(second), tracking_uri=""), {"source": str(second), "tracking_uri": ""}),
+              name="swap", route_prefix="/swap")
+    time.sleep(1.0)
+    stop.set()
+    for worker in workers:
+        worker.join()
+    assert not failures
+    assert seen[0] == pytest.approx(expected[str(first)], rel=1e-5)
+    assert seen[-1] == pytest.approx(expected[str(second)], rel=1e-5)
+    assert all(v == pytest.approx(expected[str(first)], rel=1e-5) or v == pytest.approx(expected[str(second)], rel=1e-5) for v in seen)
+    serve.delete("swap")
+
+
+def test_pyrosweep_serve_exits_cleanly_on_sigterm(tmp_path):
+    checkpoint = trained_checkpoint(tmp_path, "gmm")
+    port = free_port()
+    env = {**os.environ, "PYROSWEEP_HOME": str(tmp_path / "home")}
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "serve", "--model", str(checkpoint), "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            time.sleep(1)
+            try:
+                if get(f"http://127.0.0.1:{port}/healthz")[0] == 200:
+                    break
+            except OSError:
+                continue
+        status, _ = post(f"http://127.0.0.1:{port}/v1/score", {"points": [[0.0, 1.0]]})
+        assert status == 200, (tmp_path / "serve.log").read_text()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, "the port is closed"
+    time.sleep(2)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)
