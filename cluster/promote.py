@@ -30,6 +30,7 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
@@ -186,23 +187,23 @@ def _fluent_tracking(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = environment
 
 
-def _log_pyfunc(uri: str, trial: Run, checkpoint: str, name: str) -> mlflow.models.model.ModelInfo:
-    """Log the pyfunc into the trial's run (reopened, and FINISHED again after)."""
+def _log_pyfunc(trial: Run, checkpoint: str, name: str) -> ModelInfo:
+    """Log the pyfunc into the trial's run (reopened, and FINISHED again after) through
+    the fluent API."""
     model = load_checkpoint(checkpoint)
-    with _fluent_tracking(uri):
-        mlflow.start_run(run_id=trial.info.run_id)
-        try:
-            return mlflow.pyfunc.log_model(
-                name=name,
-                python_model=str(_source("serve.pyfunc_model")),
-                artifacts={CHECKPOINT_ARTIFACT: checkpoint},
-                code_paths=[str(_source(package).parent) for package in ("trainables", "serve")],
-                pip_requirements=pip_requirements(),
-                signature=signature(body_key(model)),
-                input_example=(example_body(model, trial), {"method": "score"}),
-            )
-        finally:
-            mlflow.end_run("FINISHED")
+    mlflow.start_run(run_id=trial.info.run_id)
+    try:
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(_source("serve.pyfunc_model")),
+            artifacts={CHECKPOINT_ARTIFACT: checkpoint},
+            code_paths=[str(_source(package).parent) for package in ("trainables", "serve")],
+            pip_requirements=pip_requirements(),
+            signature=signature(body_key(model)),
+            input_example=(example_body(model, trial), {"method": "score"}),
+        )
+    finally:
+        mlflow.end_run("FINISHED")
 
 
 def _alias_target(client: MlflowClient, name: str, alias: str) -> str | None:
@@ -248,8 +249,6 @@ def promote(
     trial, value = _best_trial(client, sweep_run, child_metric)
     name = name or experiment
     previous = _alias_target(client, name, alias)
-    with tempfile.TemporaryDirectory() as scratch:
-        info = _log_pyfunc(tracking_uri, trial, _download_checkpoint(client, trial, scratch), name)
     lineage = {
         SWEEP_RUN_TAG: sweep_run.info.run_id,
         TRIAL_RUN_TAG: trial.info.run_id,
@@ -257,10 +256,13 @@ def promote(
         VALUE_TAG: repr(value),
         **({PREVIOUS_TAG: previous} if previous else {}),
     }
-    _ensure_registered(client, name)
-    version = client.create_model_version(
-        name, info.model_uri, run_id=trial.info.run_id, tags=lineage, model_id=info.model_id
-    )
+    # the SQL registry looks the logged model up through the fluent tracking URI
+    with tempfile.TemporaryDirectory() as scratch, _fluent_tracking(tracking_uri):
+        info = _log_pyfunc(trial, _download_checkpoint(client, trial, scratch), name)
+        _ensure_registered(client, name)
+        version = client.create_model_version(
+            name, info.model_uri, run_id=trial.info.run_id, tags=lineage, model_id=info.model_id
+        )
     client.set_registered_model_alias(name, alias, version.version)
     return {
         "name": name,

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ray
 from mlflow.tracking import MlflowClient
@@ -79,38 +80,59 @@ def swap(options: ServeOptions) -> dict[str, Any]:
     return user_config
 
 
-def run_server(options: ServeOptions, on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; SIGHUP swaps to the URI's current version."""
-    user_config = resolve_source(options)
+@contextmanager
+def ray_session(address: str | None = None) -> Iterator[None]:
+    """Ray for the block: the cluster at ``address``, a running one, or a local one
+    started (and stopped) here."""
     own_ray = not ray.is_initialized()
     if own_ray:
-        ray.init(address=options.address, include_dashboard=False, configure_logging=False)
-    stop, reload = threading.Event(), threading.Event()
-    previous = {
-        signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: stop.set()),
-        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: stop.set()),
-        signal.SIGHUP: signal.signal(signal.SIGHUP, lambda *_: reload.set()),
-    }
-    pid = pid_file(options.port)
+        ray.init(address=address, include_dashboard=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        if own_ray:
+            ray.shutdown()
+
+
+@contextmanager
+def serving(options: ServeOptions) -> Iterator[dict[str, Any]]:
+    """Serve ``options.model`` on the running Ray for the duration of the block; yields
+    the deployment's ``user_config``; Serve is shut down after."""
+    user_config = resolve_source(options)
     try:
         serve.start(http_options={"host": options.host, "port": options.port})
         serve.run(deployment(options, user_config), name=APP_NAME, route_prefix="/")
-        pid.parent.mkdir(parents=True, exist_ok=True)
-        pid.write_text(str(os.getpid()))
-        if on_ready is not None:
-            on_ready(user_config)
-        while not stop.wait(0.2):
-            if reload.is_set():
-                reload.clear()
-                user_config = swap(options)
-                print(f"swapped to {user_config['source']}", flush=True)
+        yield user_config
     finally:
-        pid.unlink(missing_ok=True)
         serve.shutdown()
-        if own_ray:
-            ray.shutdown()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+
+
+def run_server(options: ServeOptions, on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; SIGHUP swaps to the URI's current version."""
+    stop, reload = threading.Event(), threading.Event()
+    pid = pid_file(options.port)
+    with ray_session(options.address):
+        # after ray.init (it installs handlers of its own), before anything is served
+        previous = {
+            signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: stop.set()),
+            signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: stop.set()),
+            signal.SIGHUP: signal.signal(signal.SIGHUP, lambda *_: reload.set()),
+        }
+        try:
+            with serving(options) as user_config:
+                pid.parent.mkdir(parents=True, exist_ok=True)
+                pid.write_text(str(os.getpid()))
+                if on_ready is not None:
+                    on_ready(user_config)
+                while not stop.wait(0.2):
+                    if reload.is_set():
+                        reload.clear()
+                        user_config = swap(options)
+                        print(f"swapped to {user_config['source']}", flush=True)
+        finally:
+            pid.unlink(missing_ok=True)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def request_swap(port: int) -> int:

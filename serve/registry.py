@@ -52,7 +52,7 @@ def _registered_model(client: MlflowClient, name: str):
 
 def _versions(client: MlflowClient, name: str) -> list[str]:
     found = client.search_model_versions(f"name = '{name}'")
-    return sorted((version.version for version in found), key=int)
+    return sorted((str(version.version) for version in found), key=int)
 
 
 def resolve_version(client: MlflowClient, uri: str) -> ModelVersion:
@@ -74,14 +74,15 @@ def resolve_version(client: MlflowClient, uri: str) -> ModelVersion:
         raise ValueError(f"model {name!r} has no version {version} (its versions: {known})") from None
 
 
-def download_checkpoint(tracking_uri: str, name: str, version: str | int, directory: str) -> str:
-    """Download the ``checkpoint`` artifact of version ``version`` of ``name`` into
-    ``directory``; returns the local checkpoint directory."""
+def download_checkpoint(client: MlflowClient, version: ModelVersion, directory: str) -> str:
+    """Download the ``checkpoint`` artifact of a registered pyfunc version into
+    ``directory``; returns the local checkpoint directory. (A ``models:/`` URI would be
+    resolved against the process-wide registry URI, not ``client``'s.)"""
+    model_directory = client.get_model_version_download_uri(version.name, version.version)
     return mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{name}/{version}/artifacts/{CHECKPOINT_ARTIFACT}",
+        artifact_uri=f"{model_directory.rstrip('/')}/artifacts/{CHECKPOINT_ARTIFACT}",
         dst_path=directory,
-        tracking_uri=tracking_uri,
-        registry_uri=tracking_uri,
+        tracking_uri=client.tracking_uri,
     )
 
 
@@ -95,7 +96,7 @@ def load_model_version(
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     found = resolve_version(client, f"models:/{name}/{version}")
     with tempfile.TemporaryDirectory() as scratch:
-        model = load_checkpoint(download_checkpoint(tracking_uri, name, found.version, scratch), device=device)
+        model = load_checkpoint(download_checkpoint(client, found, scratch), device=device)
     model.eval()
     metrics = client.get_run(found.run_id).data.metrics if found.run_id else {}
     return model, {

@@ -84,7 +84,7 @@ class GatedTransition(nn.Module):
             F.relu(self.lin_proposed_mean_z_to_hidden(z_prev))
         )
         loc = (1 - gate) * self.lin_z_to_loc(z_prev) + gate * proposed_mean
-        scale = F.softplus(self.lin_sig(F.relu(proposed_mean)))
+        scale = F.softplus(self.lin_sig(F.relu(proposed_mean))) + 1e-3
         return loc, scale
 
 
@@ -105,7 +105,7 @@ class Combiner(nn.Module):
         self, z_prev: torch.Tensor, h: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         combined = 0.5 * (torch.tanh(self.lin_z_to_hidden(z_prev)) + h)
-        return self.lin_hidden_to_loc(combined), F.softplus(self.lin_hidden_to_scale(combined))
+        return self.lin_hidden_to_loc(combined), F.softplus(self.lin_hidden_to_scale(combined)) + 1e-3
 
 
 def reverse_within_lengths(seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
