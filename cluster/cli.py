@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from .home import project_home, tracking_uri
-
-DEMO = {"model": "hmm", "data": "jsb", "hidden_dim": 16, "epochs": 30, "lr": 0.05, "screen": 10}
-
 
 def _print_table(rows: list[dict], columns: list[str]) -> None:
     cells = [[_format(row.get(c, "")) for c in columns] for row in rows]
@@ -93,6 +91,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else project_home() / "checkpoints" / f"{args.model}-{Path(args.data).stem}"
     save_checkpoint(model, out, data=args.data, train=vars(config), test_nll=result.test_nll)
     print(f"checkpoint: {out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.port)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -219,17 +223,17 @@ def _read_query_input(path: str) -> dict:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
-def _add_train_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
-    parser.add_argument("--model", default=defaults.get("model", "hmm"), help="model family")
-    parser.add_argument("--data", default=defaults.get("data", "jsb"), help="data set name or file path")
-    parser.add_argument("--hidden-dim", type=int, default=defaults.get("hidden_dim", 16))
-    parser.add_argument("--epochs", type=int, default=defaults.get("epochs", 30))
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="hmm", help="model family")
+    parser.add_argument("--data", default="jsb", help="data set name or file path")
+    parser.add_argument("--hidden-dim", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=defaults.get("lr", 0.05))
+    parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--lr-decay", type=float, default=1.0, help="per-step learning-rate factor")
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--screen", type=int, default=defaults.get("screen", 1),
+    parser.add_argument("--screen", type=int, default=10,
                         help="initialisations screened, best kept (best-of-N)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--max-chorales", type=int, default=None, help="jsb: parse only this many files")
@@ -250,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(run=cmd_data_prepare)
 
     train = commands.add_parser("train", help="train one model and print its NLL per frame")
-    _add_train_arguments(train, {})
+    _add_train_arguments(train)
     train.set_defaults(run=cmd_train)
 
     sweep = commands.add_parser("sweep", help="run a sweep file on Ray Tune, tracked in MLflow")
@@ -273,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--tracking-uri", default=None)
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(run=cmd_ui)
+
+    from .promote import add_promote_arguments, cmd_promote
+
+    promote = commands.add_parser("promote", help="register a sweep's best trial in the MLflow registry, move the alias")
+    add_promote_arguments(promote)
+    promote.set_defaults(run=cmd_promote)
 
     served = commands.add_parser("serve", help="serve a registered model (or a checkpoint) over HTTP with Ray Serve")
     served.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint directory")
@@ -297,14 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--timeout", type=float, default=60.0)
     query.set_defaults(run=cmd_query)
 
-    demo = commands.add_parser("demo", help=f"the main job on embedded defaults: {DEMO}")
-    _add_train_arguments(demo, DEMO)
-    demo.set_defaults(run=cmd_train)
+    demo = commands.add_parser("demo", help="the whole loop on embedded defaults: sweep, promote, serve, query")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.set_defaults(run=cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # no tqdm bars for every small artifact download (inherited by local Ray workers)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         args.run(args)
     except (ValueError, RuntimeError, FileNotFoundError, FloatingPointError) as error:

@@ -201,7 +201,7 @@ def test_bad_promotions_and_lookups_are_clear_errors(store, promoted):
         promote(store.uri, "nope")
     with pytest.raises(ValueError, match="is not a sweep of experiment"):
         promote(store.uri, EXPERIMENT, sweep=promoted[0]["run_id"])
-    with pytest.raises(ValueError, match="reserved"):
+    with pytest.raises(ValueError, match="alias 'v3' cannot be used.*MLflow reserves"):
         promote(store.uri, EXPERIMENT, alias="v3")
     with pytest.raises(ValueError, match="no FINISHED trial with a finite best_valid_nll.*1 FAILED"):
         promote(store.uri, failed_sweep(store))
