@@ -8,6 +8,9 @@ an input example from the data's test split. Its lineage is on the version as ta
 ``pyrosweep.sweep_run_id``, ``pyrosweep.trial_run_id``, ``pyrosweep.metric``,
 ``pyrosweep.metric_value`` and ``pyrosweep.previous_version`` (where the alias pointed
 before), which is what ``rollback`` follows.
+
+MLflow, torch and Ray load inside the functions: ``pyrosweep`` builds its parser (with
+``add_promote_arguments``) for every command, and importing them costs seconds.
 """
 
 from __future__ import annotations
@@ -24,24 +27,16 @@ import tempfile
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
-
-import mlflow
-from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from mlflow.models.model import ModelInfo
-from mlflow.tracking import MlflowClient
-from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
-
-from serve.registry import CHECKPOINT_ARTIFACT, resolve_version
-from serve.scoring import answer, body_key
-from trainables.data import load_dataset
-from trainables.models import SequenceModel
-from trainables.svi import CHECKPOINT_WEIGHTS, load_checkpoint
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .home import tracking_uri
-from .tracking import PARENT_TAG, SWEEP_TAG
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.models.model import ModelInfo
+    from mlflow.tracking import MlflowClient
+
+    from trainables.models import SequenceModel
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +47,6 @@ METRIC_TAG = "pyrosweep.metric"
 VALUE_TAG = "pyrosweep.metric_value"
 PREVIOUS_TAG = "pyrosweep.previous_version"
 PINNED_PACKAGES = ("torch", "pyro-ppl", "mlflow", "numpy", "music21")  # music21: trainables.data imports it
-SAMPLE_FIELDS = ("num_sequences", "length", "seed")
 _ALIAS = re.compile(r"[A-Za-z0-9_-]+")
 _RESERVED_ALIAS = re.compile(r"latest|v[0-9]+", re.IGNORECASE)
 
@@ -90,6 +84,10 @@ def _experiment_id(client: MlflowClient, experiment: str) -> str:
 
 def _sweep_run(client: MlflowClient, experiment_id: str, experiment: str, sweep: str | None) -> Run:
     """The parent run ``sweep``, checked to be a sweep of the experiment, or the latest one."""
+    from mlflow.exceptions import MlflowException
+
+    from .tracking import SWEEP_TAG
+
     if sweep is None:
         latest = client.search_runs(
             [experiment_id],
@@ -114,6 +112,8 @@ def _sweep_run(client: MlflowClient, experiment_id: str, experiment: str, sweep:
 
 def _best_trial(client: MlflowClient, sweep: Run, metric: str) -> tuple[Run, float]:
     """The FINISHED child of ``sweep`` with the lowest finite ``metric``, and that value."""
+    from .tracking import PARENT_TAG
+
     children = client.search_runs(
         [sweep.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{sweep.info.run_id}'", max_results=5000
     )
@@ -135,6 +135,9 @@ def _best_trial(client: MlflowClient, sweep: Run, metric: str) -> tuple[Run, flo
 
 
 def _download_checkpoint(client: MlflowClient, run: Run, directory: str) -> str:
+    from serve.registry import CHECKPOINT_ARTIFACT
+    from trainables.svi import CHECKPOINT_WEIGHTS
+
     listed = {artifact.path for artifact in client.list_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT)}
     if f"{CHECKPOINT_ARTIFACT}/{CHECKPOINT_WEIGHTS}" not in listed:
         problem = run.data.tags.get("artifact_error", "nothing was logged")
@@ -148,6 +151,9 @@ def _download_checkpoint(client: MlflowClient, run: Run, directory: str) -> str:
 def example_body(model: SequenceModel, trial: Run) -> dict[str, Any]:
     """A request body of one real test sequence (one point for ``gmm``) from the trial's
     data set, or of one sequence sampled from the model where the data cannot be loaded."""
+    from serve.scoring import answer, body_key
+    from trainables.data import load_dataset
+
     key = body_key(model)
     try:
         test = load_dataset(**json.loads(trial.data.params["data"])).splits["test"]
@@ -158,24 +164,12 @@ def example_body(model: SequenceModel, trial: Run) -> dict[str, Any]:
     return {key: [item.tolist()]}
 
 
-def signature(key: str) -> ModelSignature:
-    """Inputs: the body's ``key`` (``sequences`` ``(N, T, D)`` or ``points`` ``(N, D)``) and
-    the ``sample`` fields, all optional; params: ``method`` (default ``score``)."""
-    values: Any = DataType.double
-    for _ in range(3 if key == "sequences" else 2):
-        values = Array(values)
-    return ModelSignature(
-        inputs=Schema(
-            [ColSpec(values, key, required=False), *(ColSpec(DataType.long, f, required=False) for f in SAMPLE_FIELDS)]
-        ),
-        params=ParamSchema([ParamSpec("method", DataType.string, "score")]),
-    )
-
-
 @contextmanager
 def _fluent_tracking(uri: str) -> Iterator[None]:
     """MLflow's fluent API (``start_run``, ``log_model``) on ``uri`` for the block; the
     process's own setting (an explicit URI or ``$MLFLOW_TRACKING_URI``) comes back after."""
+    import mlflow
+
     explicit = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
     environment = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
@@ -190,6 +184,13 @@ def _fluent_tracking(uri: str) -> Iterator[None]:
 def _log_pyfunc(trial: Run, checkpoint: str, name: str) -> ModelInfo:
     """Log the pyfunc into the trial's run (reopened, and FINISHED again after) through
     the fluent API."""
+    import mlflow
+
+    from serve.pyfunc_model import DEFAULT_METHOD, signature
+    from serve.registry import CHECKPOINT_ARTIFACT
+    from serve.scoring import body_key
+    from trainables.svi import load_checkpoint
+
     model = load_checkpoint(checkpoint)
     mlflow.start_run(run_id=trial.info.run_id)
     try:
@@ -200,7 +201,7 @@ def _log_pyfunc(trial: Run, checkpoint: str, name: str) -> ModelInfo:
             code_paths=[str(_source(package).parent) for package in ("trainables", "serve")],
             pip_requirements=pip_requirements(),
             signature=signature(body_key(model)),
-            input_example=(example_body(model, trial), {"method": "score"}),
+            input_example=(example_body(model, trial), {"method": DEFAULT_METHOD}),
         )
     finally:
         mlflow.end_run("FINISHED")
@@ -208,6 +209,8 @@ def _log_pyfunc(trial: Run, checkpoint: str, name: str) -> ModelInfo:
 
 def _alias_target(client: MlflowClient, name: str, alias: str) -> str | None:
     """The version ``alias`` of ``name`` points to, if the model and the alias exist."""
+    from mlflow.exceptions import MlflowException
+
     try:
         target = client.get_registered_model(name).aliases.get(alias)
     except MlflowException as error:
@@ -218,6 +221,8 @@ def _alias_target(client: MlflowClient, name: str, alias: str) -> str | None:
 
 
 def _ensure_registered(client: MlflowClient, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
     try:
         client.create_registered_model(name, description="pyrosweep: promoted sweep winners")
     except MlflowException as error:
@@ -242,6 +247,8 @@ def promote(
         ``sweep_run_id``, ``metric``, ``value`` and ``previous_version`` (where the alias
         pointed before, or None).
     """
+    from mlflow.tracking import MlflowClient
+
     check_alias(alias)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     sweep_run = _sweep_run(client, _experiment_id(client, experiment), experiment, sweep)
@@ -283,6 +290,10 @@ def rollback(tracking_uri: str, name: str, alias: str = "champion") -> dict[str,
     :returns: ``name``, ``version`` (now under the alias), ``alias``, ``run_id`` (its
         trial run) and ``rolled_back_from`` (the version the alias left).
     """
+    from mlflow.tracking import MlflowClient
+
+    from serve.registry import resolve_version
+
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     current = resolve_version(client, f"models:/{name}@{alias}")
     previous = current.tags.get(PREVIOUS_TAG)

@@ -12,9 +12,20 @@ for ``gmm``); ``params["method"]`` is ``score`` (default), ``decode``, ``posteri
 ``sample``. MLflow's schema enforcement hands ``predict`` a one-row DataFrame whose
 columns are the body's keys (nested lists or, from ``mlflow models serve``'s ``inputs``,
 numpy arrays); it is turned back into the body dict. A dict, or a list holding one dict,
-is taken as the body as it is. Bad input raises ``MlflowException`` (error code
+is taken as the body as it is. Values MLflow cannot make numbers of (e.g. strings) are
+refused by its schema enforcement first, in its own words. Other bad input raises ``MlflowException`` (error code
 ``INVALID_PARAMETER_VALUE``: HTTP 400 from ``mlflow models serve``) with the scoring
 module's ``detail`` as its message, chained to the ``RequestError``.
+
+``mlflow models serve -m models:/NAME@champion --env-manager local`` (with the venv's
+``bin`` on ``PATH``: it execs ``uvicorn``) answers ``POST /invocations`` with
+``{"predictions": ANSWER}`` for::
+
+    {"dataframe_records": [BODY], "params": {"method": "decode"}}
+    {"inputs": BODY, "params": {"method": "score"}}
+
+``inputs`` goes through ``numpy.array``, so it only takes sequences of equal length;
+``dataframe_records`` (one record: the body) takes ragged ones.
 """
 
 from __future__ import annotations
@@ -26,12 +37,29 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from serve.scoring import RequestError, answer
 from trainables.models import SequenceModel
 from trainables.svi import load_checkpoint
 
 DEFAULT_METHOD = "score"
+SAMPLE_FIELDS = ("num_sequences", "length", "seed")
+
+
+def signature(key: str) -> ModelSignature:
+    """What the pyfunc takes: the body's ``key`` (``sequences`` ``(N, T, D)`` or ``points``
+    ``(N, D)``, numbers) and the ``sample`` fields, all optional, so one schema admits every
+    method; params: ``method`` (default ``score``). Outputs differ by method: none declared."""
+    values: Any = DataType.double
+    for _ in range(3 if key == "sequences" else 2):
+        values = Array(values)
+    fields = [ColSpec(DataType.long, field, required=False) for field in SAMPLE_FIELDS]
+    return ModelSignature(
+        inputs=Schema([ColSpec(values, key, required=False), *fields]),
+        params=ParamSchema([ParamSpec("method", DataType.string, DEFAULT_METHOD)]),
+    )
 
 
 def _plain(value: Any) -> Any:

@@ -7,9 +7,11 @@ Ray is only up while the module's sweeps run; everything after works on the stor
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -20,7 +22,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cluster.promote import PREVIOUS_TAG, add_promote_arguments, cmd_promote, promote, rollback
+from cluster.promote import PREVIOUS_TAG, add_promote_arguments, cmd_promote, example_body, promote, rollback
 from cluster.sweep import run_sweep
 from cluster.sweep_file import load_sweep_file
 from cluster.tracking import PARENT_TAG, SweepTracker
@@ -173,6 +175,15 @@ def test_the_pyfunc_loads_by_alias_outside_ray_and_answers_like_scoring(store, p
     with pytest.raises(MlflowException, match=r"sequences\[0\]\[1\]: expected 8 values, got 3") as raised:
         pyfunc.predict({"sequences": [[[0] * 8, [0, 1, 0]]]})
     assert isinstance(raised.value.__cause__, RequestError)
+
+
+def test_the_input_example_is_a_test_sequence_or_else_a_sample(store, promoted):
+    run = store.client.get_run(promoted[0]["run_id"])
+    model = trial_model(store, run.info.run_id)
+    test = load_dataset(**DATA).splits["test"]
+    assert example_body(model, run) == {"sequences": [test.x[0, : int(test.lengths[0])].tolist()]}
+    moved = SimpleNamespace(data=SimpleNamespace(params={"data": json.dumps({"path": str(store.directory / "gone.npz")})}))
+    assert np.array(example_body(model, moved)["sequences"]).shape == (1, 16, 8)
 
 
 def test_the_body_comes_back_from_what_mlflow_hands_over():

@@ -7,9 +7,16 @@ dimensions) with a gated non-linear Gaussian transition and a neural Bernoulli e
     z_t ~ Normal(GatedTransition(z_{t-1}))          z_0 is a learned vector
     x_t ~ Bernoulli(logits=Emitter(z_t))             D = data_dim binary values per frame
 
-The guide ``q(z_t | z_{t-1}, x_{t:})`` combines ``z_{t-1}`` with the state of an RNN run
+The guide ``q(z_t | z_{t-1}, x_{t:})`` combines ``z_{t-1}`` with the state of a tanh RNN run
 backwards over each sequence (within its own length), optionally followed by inverse
 autoregressive flows (IAF). Training maximises the ELBO with KL annealing.
+
+The RNN is tanh, not ReLU as in Pyro's example: its states then stay in ``(-1, 1)``, the
+range of the ``tanh`` term the combiner averages them with (the paper's inference RNN is
+an LSTM, whose outputs are bounded too). A ReLU RNN's states are unbounded: once training
+makes its recurrence expansive they grow geometrically along a backward pass over a
+chorale (up to 193 frames), which drives the combiner's softplus scale to 0 and the
+guide's log-density to NaN within a few epochs at lr 1e-3.
 
 Two paths compute with the same networks:
 
@@ -84,7 +91,7 @@ class GatedTransition(nn.Module):
             F.relu(self.lin_proposed_mean_z_to_hidden(z_prev))
         )
         loc = (1 - gate) * self.lin_z_to_loc(z_prev) + gate * proposed_mean
-        scale = F.softplus(self.lin_sig(F.relu(proposed_mean))) + 1e-3
+        scale = F.softplus(self.lin_sig(F.relu(proposed_mean)))
         return loc, scale
 
 
@@ -105,7 +112,7 @@ class Combiner(nn.Module):
         self, z_prev: torch.Tensor, h: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         combined = 0.5 * (torch.tanh(self.lin_z_to_hidden(z_prev)) + h)
-        return self.lin_hidden_to_loc(combined), F.softplus(self.lin_hidden_to_scale(combined)) + 1e-3
+        return self.lin_hidden_to_loc(combined), F.softplus(self.lin_hidden_to_scale(combined))
 
 
 def reverse_within_lengths(seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -197,6 +204,7 @@ class DeepMarkovModel(SequenceModel):
         self.emitter = Emitter(self.data_dim, latent_dim, hparams["emission_dim"])
         self.transition = GatedTransition(latent_dim, hparams["transition_dim"])
         self.combiner = Combiner(latent_dim, rnn_dim)
+        # tanh keeps the states bounded (see the module docstring: ReLU diverged to NaN)
         self.rnn = nn.RNN(
             input_size=self.data_dim, hidden_size=rnn_dim, nonlinearity="tanh", batch_first=True
         )
