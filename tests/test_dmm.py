@@ -414,27 +414,29 @@ def test_guide_stays_finite_when_its_recurrence_is_expansive():
     assert math.isfinite(bound_per_frame(model, x, lengths))
 
 
-def test_training_on_long_sparse_sequences_does_not_diverge():
+@pytest.mark.parametrize("seed", [0, 1])
+def test_training_on_long_sparse_sequences_does_not_diverge(seed):
     # Regression: on the JSB chorales the ReLU-RNN guide hit a NaN loss within 5 epochs at
-    # lr 1e-3 in 4 of 6 seeds (always at 3e-3). On these chorale-like sequences it did so
-    # by epoch 4 at lr 1e-2 in 6 of 6 seeds; the train loop raises FloatingPointError then.
-    train_split = Split(*chorale_like_data(20, 160, seed=0))
-    held_out = Split(*chorale_like_data(8, 160, seed=1))
+    # lr 1e-3 in 4 of 6 seeds (always at 3e-3). On these chorale-like sequences at lr 1e-2
+    # it did so by epoch 4 in 13 of 16 seeds, both of these included; the train loop
+    # raises FloatingPointError then.
+    train_split = Split(*chorale_like_data(20, 160, seed=seed))
+    held_out = Split(*chorale_like_data(8, 160, seed=1000 + seed))
     data = Dataset(
         name="chorale-like",
         splits={"train": train_split, "valid": held_out, "test": held_out},
         data_dim=88,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(
         "dmm", data_dim=88, hidden_dim=16, emission_dim=32, transition_dim=64, rnn_dim=64,
         num_particles=4, annealing_epochs=3,
     )
-    config = TrainConfig(epochs=8, batch_size=10, lr=0.01, patience=None, seed=0)
+    config = TrainConfig(epochs=8, batch_size=10, lr=0.01, patience=None, seed=seed)
     result = train(model, data, config)
     valid = [record.valid_nll for record in result.history]
-    assert len(valid) == 8 and all(torch.isfinite(torch.tensor(valid)))
-    assert valid[-1] < valid[0] - 20  # ~58 -> ~15 nats per frame
+    assert len(valid) == 8 and all(math.isfinite(nll) for nll in valid)
+    assert valid[-1] < valid[0] - 20  # ~55-60 -> ~15 nats per frame
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -233,3 +233,72 @@ def failed_sweep(store: Store) -> str:
     tracker.client.set_terminated(child, "FAILED")
     tracker.client.set_terminated(parent, "FINISHED")
     return "all-failed"
+
+
+def test_a_running_server_swaps_to_the_alias_new_version_without_failing_a_request(store, promoted, tmp_path):
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    store.client.set_registered_model_alias(EXPERIMENT, "live", "1")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYROSWEEP_HOME": str(tmp_path / "home")}
+    command = [sys.executable, "-m", "cluster.cli"]
+    server = subprocess.Popen(
+        [*command, "serve", "--model", f"models:/{EXPERIMENT}@live", "--tracking-uri", store.uri, "--port", str(port)],
+        env=env, stdout=(tmp_path / "serve.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def version() -> int | None:
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=10) as response:
+                return json.load(response)["version"]
+        except OSError:
+            return None
+
+    def wait_for(expected: int) -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and version() != expected:
+            time.sleep(0.5)
+        assert version() == expected, (tmp_path / "serve.log").read_text()
+
+    body = json.dumps({"sequences": [[[0.0] * 8, [1.0] * 8]]}).encode()
+    failures, answered, stop = [], [], threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            request = urllib.request.Request(f"{base}/v1/score", data=body, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    answered.append(json.load(response)["log_likelihood"][0])
+            except urllib.error.URLError as error:
+                failures.append(str(error))
+
+    try:
+        wait_for(1)
+        workers = [threading.Thread(target=load) for _ in range(3)]
+        for worker in workers:
+            worker.start()
+        store.client.set_registered_model_alias(EXPERIMENT, "live", "2")
+        swap = subprocess.run([*command, "swap", "--port", str(port)], env=env, capture_output=True, text=True, timeout=60)
+        assert swap.returncode == 0, swap.stderr
+        wait_for(2)
+        time.sleep(1)
+        stop.set()
+        for worker in workers:
+            worker.join()
+        assert not failures and len(set(answered)) == 2, "answers switched from version 1 to version 2"
+    finally:
+        stop.set()
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

@@ -249,6 +249,20 @@ def test_pyrosweep_serve_exits_cleanly_on_sigterm(tmp_path):
                 continue
         status, _ = post(f"http://127.0.0.1:{port}/v1/score", {"points": [[0.0, 1.0]]})
         assert status == 200, (tmp_path / "serve.log").read_text()
+        body = tmp_path / "body.json"
+        body.write_text(json.dumps({"points": [[0.0, 1.0], [2.0, -1.0]]}))
+        query = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "query", "decode", "--url", f"http://127.0.0.1:{port}", "--input", str(body)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert query.returncode == 0, query.stderr
+        assert len(json.loads(query.stdout)["states"]) == 2
+        body.write_text(json.dumps({"points": [[0.0]]}))
+        refused = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "query", "score", "--url", f"http://127.0.0.1:{port}", "--input", str(body)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert refused.returncode == 2 and "422: points[0]: expected 2 values, got 1" in refused.stderr
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()
     finally:

@@ -79,6 +79,10 @@ EXPECTED_CONFIGS = {
         },
         2,
     ),
+    "demo.yaml": (
+        {"hidden_dim": lambda d: d == {"grid_search": [8, 16]}, "lr": lambda d: d == 0.05, "seed": lambda d: d == 0},
+        2,
+    ),
     "gmm-synthetic.yaml": (
         {"variance": lambda d: is_choice(d, ["global", "component", "dimension", "component-dimension"])},
         4,
