@@ -75,7 +75,7 @@ EXPECTED_CONFIGS = {
         {
             "hidden_dim": lambda d: d == 16,
             "rnn_dim": lambda d: d == 64,
-            "lr": lambda d: is_choice(d, [0.0003, 0.0006]),
+            "lr": lambda d: d == {"grid_search": [0.003, 0.01]},
         },
         2,
     ),

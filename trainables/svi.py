@@ -231,7 +231,7 @@ class Trainer:
                 loss = self.elbo.differentiable_loss(model.model, model.guide, x, lengths, scale=scale, **extra)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"{model.family}: non-finite training loss ({float(loss)}) at epoch {epoch}, "
+                    f"{model.family}: non-finite training loss ({loss.item()}) at epoch {epoch}, "
                     f"batch {batch}; try a smaller lr"
                 )
             self.optimizer.zero_grad()
