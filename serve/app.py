@@ -104,9 +104,10 @@ class ModelServer:
     async def _batched(self, models: list, methods: list[str], inputs: list[list[np.ndarray]]) -> list[dict]:
         """Answer a batch of already validated requests, one ``compute`` per model and method."""
         answers: list[dict | None] = [None] * len(inputs)
-        groups: dict[tuple[int, str], list[int]] = {}
+        groups: dict[tuple[int, str, int], list[int]] = {}
         for i, (model, method) in enumerate(zip(models, methods)):
-            groups.setdefault((id(model), method), []).append(i)
+            alone = -1 if model.exact else i  # a bound's particles would depend on the batch
+            groups.setdefault((id(model), method, alone), []).append(i)
         for indices in groups.values():
             joined = [item for i in indices for item in inputs[i]]
             results = await asyncio.to_thread(compute, models[indices[0]], methods[indices[0]], joined)

@@ -20,6 +20,7 @@ METHODS = ("score", "decode", "posterior", "sample")
 MAX_SEQUENCES = 512  # per request
 MAX_FRAMES = 200_000  # per request, all sequences together
 MAX_SAMPLE_LENGTH = 10_000
+SCORE_SEED = 0  # particles of a likelihood bound (DMM) are drawn from this seed per request
 BINARY_FAMILIES = frozenset({"hmm", "arhmm", "fhmm", "pfhmm", "hmm2", "nnhmm", "dmm"})
 
 
@@ -103,13 +104,23 @@ def _trim(values: torch.Tensor, lengths: torch.Tensor | None) -> list:
     return rows if lengths is None else [row[:length] for row, length in zip(rows, lengths.tolist())]
 
 
+def _score_steps(model: SequenceModel, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Per-step log-likelihood increments; a bound (DMM) draws its particles from a
+    generator seeded with ``SCORE_SEED``, so the same request always gets the same answer."""
+    if model.exact:
+        return model.log_likelihood_steps(x, lengths)
+    generator = torch.Generator(device=x.device).manual_seed(SCORE_SEED)
+    return model.log_likelihood_steps(x, lengths, generator=generator)
+
+
 @torch.no_grad()
 def compute(model: SequenceModel, method: str, inputs: list[np.ndarray]) -> list[dict[str, Any]]:
     """One answer per input for ``score``, ``decode`` or ``posterior``, computed in a
-    single batch (what ``@serve.batch`` joins is answered exactly as one by one)."""
+    single batch (what ``@serve.batch`` joins is answered exactly as one by one, except
+    that a bound's particles depend on the batch: the deployment does not join those)."""
     x, lengths = _batch(model, inputs)
     if method == "score":
-        steps = model.log_likelihood_steps(x, lengths)
+        steps = _score_steps(model, x, lengths)
         totals = steps.sum(-1).tolist()
         return [
             {"log_likelihood": total, "per_step": per_step, "exact": model.exact}

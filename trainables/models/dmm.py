@@ -353,7 +353,10 @@ class DeepMarkovModel(SequenceModel):
 
     # ----------------------------------------------------------------- pure torch
     def log_likelihood_steps(
-        self, x: torch.Tensor, lengths: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """``(N, T)`` per-step increments of the IWAE bound with ``num_particles`` particles.
 
@@ -361,7 +364,8 @@ class DeepMarkovModel(SequenceModel):
         ``S`` guide particles and their running sums ``W_{s,t}``, the bound on
         ``log p(x_{<=t})`` is ``L_t = logmeanexp_s W_{s,t}``; the result is ``L_t - L_{t-1}``
         (zero at padding), so it sums to the IWAE bound on ``log p(x)``. Particles come from
-        the global torch RNG; differentiable (reparameterised) in the module's parameters.
+        ``generator`` (a fixed seed gives a repeatable answer) or else the global torch RNG;
+        differentiable (reparameterised) in the module's parameters.
         """
         x, lengths, mask = self._prepare(x, lengths)
         num_sequences, num_steps, _ = x.shape
@@ -371,7 +375,7 @@ class DeepMarkovModel(SequenceModel):
         log_weights = []
         for t in range(num_steps):
             loc, scale = self.combiner(guide_prev, states[:, t])
-            u = loc + scale * torch.randn_like(loc)
+            u = loc + scale * torch.randn(loc.shape, generator=generator, dtype=loc.dtype, device=loc.device)
             z, log_det = self._flow(u)
             log_weight = self._step_log_joint(model_prev, z, x[:, t]) - (
                 normal_log_prob(u, loc, scale) - log_det
