@@ -21,8 +21,8 @@ from trainables.data import load_dataset
 from trainables.trainable import TrialSetup, run_trial
 
 from .home import storage_path, tracking_uri
-from .sweep_file import SweepSpec, param_space, searched_keys
-from .tracking import MLflowTrialLogger, SweepTracker, finish_parent
+from .sweep_file import SweepSpec, num_trials, param_space, searched_keys
+from .tracking import MLflowTrialLogger, SweepTracker, finish_parent, interrupt_parent
 
 
 @dataclass
@@ -107,6 +107,7 @@ def run_sweep(
         state = json.loads(state_file.read_text())
         if state["finished"]:
             raise RuntimeError(f"nothing to resume: the last {spec.name!r} sweep ({state['run_name']}) finished")
+        tracker.reopen(tracker.client.get_run(state["parent_run_id"]))
     else:
         run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         parent = tracker.start_parent(run_name, {**fixed_params(spec), "search_space": json.dumps(spec.search)}, Path(spec.source))
@@ -155,6 +156,14 @@ def run_sweep(
     finally:
         if own_ray:
             ray.shutdown()
+    # After Ctrl-C, Tune returns with trials cut short (their last result is not ``done``)
+    # or never started.
+    cut_short = sum(1 for result in results if result.error is None and not result.metrics.get("done"))
+    unfinished = cut_short + max(0, num_trials(spec) - len(results))
+    if unfinished:
+        reason = f"interrupted with {unfinished} trial(s) unfinished: pyrosweep sweep {spec.source} --resume"
+        interrupt_parent(tracker, state["parent_run_id"], reason)
+        raise RuntimeError(f"sweep {spec.name} {reason}")
     errors = {
         result.metrics.get("trial_id", ""): str(result.error)
         for result in results

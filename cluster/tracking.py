@@ -31,6 +31,7 @@ TRIAL_TAG = "ray.trial_id"
 SWEEP_TAG = "pyrosweep.sweep"
 EPOCH_METRICS = ("train_loss", "valid_nll", "epoch_s", "best_valid_nll", "test_nll", "screen_best", "screen_worst")
 ERROR_TAG_LIMIT = 5000
+INTERRUPTED_TAG = "pyrosweep.interrupted"
 
 
 class SweepTracker:
@@ -60,12 +61,18 @@ class SweepTracker:
             [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=5000
         )
 
+    def reopen(self, run) -> None:
+        """A run that goes on (a retried or resumed trial, a resumed sweep) is RUNNING again."""
+        if run.info.status != "RUNNING":
+            self.client.update_run(run.info.run_id, status="RUNNING")
+        if INTERRUPTED_TAG in run.data.tags:
+            self.client.delete_tag(run.info.run_id, INTERRUPTED_TAG)
+
     def child_for(self, parent_run_id: str, trial_id: str, params: dict[str, Any]) -> str:
         """The child run of ``trial_id``: found again after a retry or a resume, else created."""
         for run in self.children(parent_run_id):
             if run.data.tags.get(TRIAL_TAG) == trial_id:
-                if run.info.status != "RUNNING":
-                    self.client.update_run(run.info.run_id, status="RUNNING")
+                self.reopen(run)
                 return run.info.run_id
         run = self.client.create_run(
             self.experiment_id,
@@ -213,6 +220,15 @@ def write_leaderboard_csv(rows: list[dict[str, Any]], path: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def interrupt_parent(tracker: SweepTracker, parent_run_id: str, reason: str) -> None:
+    """End an interrupted sweep's runs FAILED with ``reason`` (``--resume`` reopens them)."""
+    client = tracker.client
+    for run in [*tracker.children(parent_run_id), client.get_run(parent_run_id)]:
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, INTERRUPTED_TAG, reason)
+            client.set_terminated(run.info.run_id, "FAILED")
 
 
 def finish_parent(

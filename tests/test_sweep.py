@@ -156,7 +156,8 @@ def finish(process: subprocess.Popen, tmp_path: Path, log: str, timeout: float =
     return (tmp_path / log).read_text()
 
 
-def test_driver_killed_then_resume_finishes_the_same_sweep(tmp_path, ray_address):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["killed", "interrupted"])
+def test_driver_stopped_then_resume_finishes_the_same_sweep(tmp_path, ray_address, stop):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     epochs = 60
     config = write_sweep(tmp_path, "resume", epochs=epochs, num_samples=2, sequences=300)
@@ -175,9 +176,16 @@ def test_driver_killed_then_resume_finishes_the_same_sweep(tmp_path, ray_address
         if len(progressed) >= 2 and any(len(client.get_metric_history(c.info.run_id, "valid_nll")) >= 9 for c in progressed):
             break
     time.sleep(2)  # let Tune save its experiment state once more
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
+    if stop == signal.SIGKILL:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    else:  # Ctrl-C: the driver stops the trials, saves the state and says how to resume
+        driver.send_signal(signal.SIGINT)
+        output = finish(driver, tmp_path, "first.log", timeout=120)
+        assert driver.returncode == 2 and "--resume" in output, output
     _, parents_before, children_before = mlflow_runs(uri, "resume")
+    if stop == signal.SIGINT:
+        assert "RUNNING" not in {run.info.status for run in [*parents_before, *children_before]}
     resumed = pyrosweep("sweep", str(config), *common, "--resume", tmp_path=tmp_path, log="resumed.log")
     output = finish(resumed, tmp_path, "resumed.log")
     assert resumed.returncode == 0, output
