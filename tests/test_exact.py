@@ -170,3 +170,23 @@ def test_gradients_are_finite_and_seeded_sampling_repeats(family):
         torch.testing.assert_close(a, b)
     assert not torch.equal(first[0], other[0]) or not torch.equal(first[1], other[1])
     assert first[0].shape == (3, 5, model.data_dim) and first[1].shape == (3, 5)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["shared", "restarts"])
+def test_the_fast_backward_is_the_gradient_of_the_likelihood(batched):
+    """The engine's hand-written backward (expected counts) against numerical gradients,
+    with ragged lengths and factors broadcast over sequences (and restarts)."""
+    from trainables import inference
+
+    torch.manual_seed(0)
+    S, N, T = 3, 4, 5
+    batch = (2, 1) if batched else (1,)
+    log_init = torch.randn(*batch, S, dtype=torch.float64).log_softmax(-1).requires_grad_()
+    log_trans = torch.randn(*batch, S, S, dtype=torch.float64).log_softmax(-1).requires_grad_()
+    log_emit = torch.randn(N, T, S, dtype=torch.float64).requires_grad_()
+    lengths = torch.tensor([5, 2, 1, 4])
+    total = inference.log_likelihood(log_init, log_trans, log_emit, lengths)
+    torch.testing.assert_close(total, inference.log_likelihood_steps(log_init, log_trans, log_emit, lengths).sum(-1))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: inference.log_likelihood(a, b, c, lengths), (log_init, log_trans, log_emit)
+    )

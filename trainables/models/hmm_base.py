@@ -88,7 +88,11 @@ class HMMFamily(MapModel):
         return log_init.unsqueeze(-2), log_trans.unsqueeze(-3), log_emit
 
     def log_likelihood_of(self, params, x, lengths) -> torch.Tensor:
-        return inference.log_likelihood_steps(*self.factors(params, x, lengths), lengths).sum(-1)
+        return inference.log_likelihood(*self.factors(params, x, lengths), lengths)
+
+    def log_likelihood(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` exact log p(x) in nats, with the engine's fast backward pass."""
+        return self.log_likelihood_of(self.map_values(), x, lengths)
 
     def log_likelihood_steps(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         factors = self.factors(self.map_values(), x, lengths)

@@ -78,7 +78,9 @@ def bernoulli_log_probs(
     :returns: ``(..., N, T, S)``.
     """
     x = x.to(probs.dtype)
-    on, off = (x, 1 - x) if weight is None else (x * weight, (1 - x) * weight)
-    return torch.einsum("ntd,...sd->...nts", on, safe_log(probs)) + torch.einsum(
-        "ntd,...sd->...nts", off, safe_log(1 - probs)
+    log_on, log_off = safe_log(probs), safe_log(1 - probs)
+    if weight is None:  # x log p + (1 - x) log(1 - p) = x (log p - log(1 - p)) + log(1 - p)
+        return torch.einsum("ntd,...sd->...nts", x, log_on - log_off) + log_off.sum(-1)[..., None, None, :]
+    return torch.einsum("ntd,...sd->...nts", x * weight, log_on - log_off) + torch.einsum(
+        "ntd,...sd->...nts", weight.to(probs.dtype), log_off
     )
