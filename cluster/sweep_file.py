@@ -37,8 +37,8 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from trainables.data import DATASETS, _named_loader, load_file
-from trainables.data.files import _READERS
+from trainables.data import DATASETS, named_loader, load_file
+from trainables.data.files import READERS
 from trainables.models import FAMILIES, MapModel
 from trainables.svi import TrainConfig
 
@@ -414,7 +414,7 @@ def _resolve_data(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         name = data["name"]
         if not isinstance(name, str) or name not in DATASETS:
             raise _problems_error([(("name",), _unknown(f"data set {name!r}", name, DATASETS))])
-        resolved, label, loader = {"name": name}, name, _named_loader(name)
+        resolved, label, loader = {"name": name}, name, named_loader(name)
     else:
         path = _resolve_path(data["path"], base_dir)
         resolved, label, loader = {"path": str(path)}, "a data file", partial(load_file, path)
@@ -427,8 +427,8 @@ def _resolve_path(path: Any, base_dir: Path) -> Path:
     if not isinstance(path, str):
         raise _problems_error([(("path",), f"expected a file path, got {path!r}")])
     file = (base_dir / Path(path).expanduser()).resolve()
-    if file.suffix.lower() not in _READERS:
-        message = f"unknown file type {file.suffix or '(none)'!r} (expected one of: {', '.join(_READERS)})"
+    if file.suffix.lower() not in READERS:
+        message = f"unknown file type {file.suffix or '(none)'!r} (expected one of: {', '.join(READERS)})"
         raise _problems_error([(("path",), message)])
     if not file.is_file():
         raise _problems_error([(("path",), f"no such file: {file}")])

@@ -41,7 +41,7 @@ DATASETS: dict[str, str] = {
 }
 
 
-def _named_loader(name: str) -> Callable[..., Dataset]:
+def named_loader(name: str) -> Callable[..., Dataset]:
     """The loader of a built-in data set, taking only its options as keywords."""
     if name not in DATASETS:
         raise DataError(
@@ -91,7 +91,7 @@ def load_dataset(
     if path is not None:
         source, loader = str(path), partial(load_file, path)
     else:
-        source, loader = name, _named_loader(name)
+        source, loader = name, named_loader(name)
     _check_options(source, loader, options)
     return loader(**options)
 

@@ -89,7 +89,8 @@ def _pickle_split(sequences: object, source: str, split: str) -> Split:
     return sequences_to_split(rolls, source, split)
 
 
-_READERS: dict[str, Callable[[Path, str], dict[str, Split]]] = {
+#: file suffix -> reader of its splits
+READERS: dict[str, Callable[[Path, str], dict[str, Split]]] = {
     ".npz": read_npz_splits,
     ".pkl": _read_pickle_splits,
     ".pickle": _read_pickle_splits,
@@ -112,11 +113,11 @@ def load_file(path: str | os.PathLike[str]) -> Dataset:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{source}: no such file")
-    reader = _READERS.get(file.suffix.lower())
+    reader = READERS.get(file.suffix.lower())
     if reader is None:
         raise DataError(
             f"{source}: unknown file type {file.suffix or '(no suffix)'!r}; "
-            f"expected one of {', '.join(_READERS)}"
+            f"expected one of {', '.join(READERS)}"
         )
     splits = reader(file, source)
     return Dataset(name=source, splits=splits, data_dim=splits["train"].x.size(-1))
