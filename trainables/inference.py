@@ -115,7 +115,7 @@ class _ExactLogLikelihood(torch.autograd.Function):
                 real = mask[..., t]
                 log_alpha = torch.where(real.unsqueeze(-1), joint - step.unsqueeze(-1), log_alpha)
                 alphas.append(log_alpha)
-                steps.append(torch.where(real, step, 0.0))
+                steps.append(step)
             steps = torch.stack(torch.broadcast_tensors(*steps), -1)
             steps = steps.masked_fill(~mask, 0.0)
         ctx.save_for_backward(log_init, log_trans, log_emit, lengths, torch.stack(alphas, -2), steps)
