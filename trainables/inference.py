@@ -51,6 +51,33 @@ def _log_vecmat(log_alpha: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
     return summed.clamp_min(torch.finfo(summed.dtype).tiny).log() + shift
 
 
+def _filter(
+    log_init: torch.Tensor,
+    log_trans: torch.Tensor,
+    log_emit: torch.Tensor,
+    lengths: torch.Tensor,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The forward recursion: the normalised filtering distributions
+    ``log p(z_t | x_<=t)`` ``(..., S)`` of every frame (held at a sequence's last real
+    frame through its padding) and the per-frame increments ``(..., T)``, zero at padding."""
+    num_frames = log_emit.size(-2)
+    mask = frame_mask(lengths, num_frames)
+    trans = log_trans.exp()
+    joint = log_init + log_emit[..., 0, :]
+    step = joint.logsumexp(-1)
+    log_alpha = joint - step.unsqueeze(-1)
+    log_alphas, steps = [log_alpha], [step]
+    for t in range(1, num_frames):
+        joint = _log_vecmat(log_alpha, trans) + log_emit[..., t, :]
+        step = joint.logsumexp(-1)
+        real = mask[..., t]
+        log_alpha = torch.where(real.unsqueeze(-1), joint - step.unsqueeze(-1), log_alpha)
+        log_alphas.append(log_alpha)
+        steps.append(step)
+    steps = torch.stack(torch.broadcast_tensors(*steps), -1)
+    return log_alphas, steps.masked_fill(~mask, 0.0)
+
+
 def log_likelihood_steps(
     log_init: torch.Tensor,
     log_trans: torch.Tensor,
@@ -62,22 +89,7 @@ def log_likelihood_steps(
     :returns: ``(..., T)`` increments, zero at padded frames; their sum over ``T`` is
         ``log p(x_{0:length})``. Differentiable with respect to all three factors.
     """
-    num_frames = log_emit.size(-2)
-    mask = frame_mask(lengths, num_frames)
-    trans = log_trans.exp()
-    # log_alpha holds the normalised filtering distribution log p(z_t | x_<=t).
-    joint = log_init + log_emit[..., 0, :]
-    step = joint.logsumexp(-1)
-    log_alpha = joint - step.unsqueeze(-1)
-    steps = [step]
-    for t in range(1, num_frames):
-        joint = _log_vecmat(log_alpha, trans) + log_emit[..., t, :]
-        step = joint.logsumexp(-1)
-        real = mask[..., t]
-        log_alpha = torch.where(real.unsqueeze(-1), joint - step.unsqueeze(-1), log_alpha)
-        steps.append(step)
-    steps = torch.stack(torch.broadcast_tensors(*steps), -1)
-    return steps.masked_fill(~mask, 0.0)
+    return _filter(log_init, log_trans, log_emit, lengths)[1]
 
 
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -102,23 +114,8 @@ class _ExactLogLikelihood(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_init, log_trans, log_emit, lengths):
         with torch.no_grad():
-            num_frames = log_emit.size(-2)
-            mask = frame_mask(lengths, num_frames)
-            trans = log_trans.exp()
-            joint = log_init + log_emit[..., 0, :]
-            step = joint.logsumexp(-1)
-            log_alpha = joint - step.unsqueeze(-1)
-            alphas, steps = [log_alpha], [step]
-            for t in range(1, num_frames):
-                joint = _log_vecmat(log_alpha, trans) + log_emit[..., t, :]
-                step = joint.logsumexp(-1)
-                real = mask[..., t]
-                log_alpha = torch.where(real.unsqueeze(-1), joint - step.unsqueeze(-1), log_alpha)
-                alphas.append(log_alpha)
-                steps.append(step)
-            steps = torch.stack(torch.broadcast_tensors(*steps), -1)
-            steps = steps.masked_fill(~mask, 0.0)
-        ctx.save_for_backward(log_init, log_trans, log_emit, lengths, torch.stack(alphas, -2), steps)
+            log_alphas, steps = _filter(log_init, log_trans, log_emit, lengths)
+        ctx.save_for_backward(log_init, log_trans, log_emit, lengths, torch.stack(log_alphas, -2), steps)
         return steps.sum(-1)
 
     @staticmethod
