@@ -121,6 +121,36 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(f"            or: pyrosweep ui --tracking-uri {outcome.tracking_uri}")
 
 
+def cmd_submit(args: argparse.Namespace) -> None:
+    from .jobs import follow, submit
+    from .sweep_file import load_sweep_file
+
+    spec = load_sweep_file(args.config)
+    extra = ["--num-samples", str(args.num_samples)] if args.num_samples is not None else []
+    client, job_id = submit(spec, args.address, args.tracking_uri, args.storage, extra)
+    print(f"submitted sweep {spec.name} as Ray Job {job_id} to {args.address}")
+    if not args.follow:
+        print(f"follow it: ray job logs --address {args.address} --follow {job_id}")
+        return
+    status = follow(client, job_id)
+    print(f"\njob {job_id}: {status.value}")
+    if status.value != "SUCCEEDED":
+        raise RuntimeError(f"Ray Job {job_id} ended {status.value}")
+
+
+def cmd_tracking_server(args: argparse.Namespace) -> None:
+    from .tracking_server import ServerOptions, run
+
+    run(ServerOptions(
+        backend_store_uri=args.backend_store_uri,
+        artifacts_destination=args.artifacts_destination,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        allowed_hosts=args.allowed_hosts,
+    ))  # fmt: skip
+
+
 def _print_leaderboard(rows: list[dict]) -> None:
     columns = [c for c in (rows[0] if rows else {"trial": ""}) if c != "run_id"]
     _print_table(rows, columns)
@@ -172,6 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         num_gpus=args.num_gpus,
         max_batch_size=args.max_batch_size,
         address=args.address,
+        proxy_location=args.proxy_location,
     )
 
     def ready(user_config: dict) -> None:
@@ -259,14 +290,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="run a sweep file on Ray Tune, tracked in MLflow")
     sweep.add_argument("config", help="sweep YAML file (see configs/)")
-    sweep.add_argument("--address", default=None, help="an existing Ray cluster (default: a local Ray)")
+    sweep.add_argument("--address", default=None,
+                       help="an existing Ray cluster: auto, HOST:PORT or ray://HOST:10001 (default: a local Ray)")
     sweep.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the embedded store)")
-    sweep.add_argument("--storage", default=None, help="Ray Tune storage (default: $PYROSWEEP_HOME/ray_results)")
+    sweep.add_argument("--storage", default=None, help="Ray Tune storage: a path (shared by every node of a "
+                       "cluster) or s3:// / gs:// URI (default: $PYROSWEEP_HOME/ray_results)")
     sweep.add_argument("--num-samples", type=int, default=None)
     sweep.add_argument("--max-concurrent", type=int, default=None)
     sweep.add_argument("--resume", action="store_true", help="finish the sweep's interrupted last run")
     sweep.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     sweep.set_defaults(run=cmd_sweep)
+
+    submitted = commands.add_parser("submit", help="run a sweep file as a Ray Job on a cluster")
+    submitted.add_argument("config", help="sweep YAML file")
+    submitted.add_argument("--address", required=True, help="the cluster's Ray Jobs API, e.g. http://HEAD:8265")
+    submitted.add_argument("--tracking-uri", default=None, help="MLflow tracking server the cluster reaches (http://HOST:5000)")
+    submitted.add_argument("--storage", default=None, help="Ray Tune storage every node sees (shared path, s3://, gs://)")
+    submitted.add_argument("--num-samples", type=int, default=None)
+    submitted.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    submitted.set_defaults(run=cmd_submit)
+
+    server = commands.add_parser("tracking-server", help="an MLflow tracking server for a cluster (PostgreSQL, proxied artifacts)")
+    server.add_argument("--backend-store-uri", required=True, help="postgresql://USER:PASSWORD@HOST:PORT/DB")
+    server.add_argument("--artifacts-destination", required=True, help="a directory or s3:// / gs:// URI for artifacts")
+    server.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the cluster")
+    server.add_argument("--port", type=int, default=5000)
+    server.add_argument("--workers", type=int, default=2)
+    server.add_argument("--allowed-hosts", default=None, help="Host headers clients use beyond localhost and private IPs")
+    server.set_defaults(run=cmd_tracking_server)
 
     runs = commands.add_parser("runs", help="leaderboard of the latest sweep of an experiment")
     runs.add_argument("--experiment", required=True, help="the sweep name")
@@ -293,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     served.add_argument("--autoscale", default=None, help="MIN:MAX replicas")
     served.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (may be fractional)")
     served.add_argument("--max-batch-size", type=int, default=16)
-    served.add_argument("--address", default=None, help="an existing Ray cluster")
+    served.add_argument("--address", default=None, help="an existing Ray cluster: auto, HOST:PORT or ray://HOST:10001")
+    served.add_argument("--proxy-location", default="EveryNode", choices=["EveryNode", "HeadOnly"],
+                        help="where Ray Serve runs its HTTP proxies")
     served.set_defaults(run=cmd_serve)
 
     swapped = commands.add_parser("swap", help="move a running `pyrosweep serve` to its alias's current version")

@@ -13,7 +13,8 @@ from trainables.data import dataset_summary, load_dataset
 
 from .home import tracking_uri
 from .promote import promote
-from .serving import ServeOptions, ray_session, serving
+from .remote import ray_session
+from .serving import ServeOptions, serving
 from .sweep import run_sweep
 from .sweep_file import load_sweep_file
 
@@ -47,7 +48,7 @@ def run_demo(port: int = 8000) -> None:
     test = data.splits["test"]
     body = {"sequences": [test.x[n, : int(test.lengths[n])].int().tolist() for n in range(2)]}
     options = ServeOptions(model=model_uri, tracking_uri=outcome.tracking_uri, port=port)
-    with ray_session(), serving(options):
+    with ray_session(None, outcome.tracking_uri), serving(options):
         url = f"http://127.0.0.1:{port}"
         print(f"\n4. serving {model_uri} on {url}; two test chorales:")
         scored = _post(f"{url}/v1/score", body)

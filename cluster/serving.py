@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import ray
-from mlflow.tracking import MlflowClient
 from ray import serve
 
 from serve.app import ModelServer
+from serve.registry import pin_source
 
 from .home import project_home
+from .remote import ray_session
 
 APP_NAME = "pyrosweep"
 
@@ -38,6 +38,8 @@ class ServeOptions:
     num_gpus: float = 0.0
     max_batch_size: int = 16
     address: str | None = None
+    # where Serve runs HTTP proxies: "EveryNode" (Ray's default) or "HeadOnly"
+    proxy_location: str = "EveryNode"
 
 
 def pid_file(port: int) -> Path:
@@ -45,19 +47,8 @@ def pid_file(port: int) -> Path:
 
 
 def resolve_source(options: ServeOptions) -> dict[str, Any]:
-    """The deployment's ``user_config``: a registry URI pinned to a version number (so
-    that moving the alias later is an explicit swap), or an absolute checkpoint path."""
-    if options.model.startswith("models:/"):
-        from serve.registry import resolve_version
-
-        version = resolve_version(MlflowClient(options.tracking_uri), options.model)
-        source = f"models:/{version.name}/{version.version}"
-    else:
-        path = Path(options.model).expanduser().absolute()
-        if not (path / "model.pt").exists():
-            raise FileNotFoundError(f"{options.model}: not a models:/ URI nor a checkpoint directory (no model.pt)")
-        source = str(path)
-    return {"source": source, "tracking_uri": options.tracking_uri}
+    """The deployment's ``user_config``: ``options.model`` pinned to a version."""
+    return pin_source(options.model, options.tracking_uri)
 
 
 def deployment(options: ServeOptions, user_config: dict[str, Any]):
@@ -81,26 +72,12 @@ def swap(options: ServeOptions) -> dict[str, Any]:
 
 
 @contextmanager
-def ray_session(address: str | None = None) -> Iterator[None]:
-    """Ray for the block: the cluster at ``address``, a running one, or a local one
-    started (and stopped) here."""
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
-    try:
-        yield
-    finally:
-        if own_ray:
-            ray.shutdown()
-
-
-@contextmanager
 def serving(options: ServeOptions) -> Iterator[dict[str, Any]]:
     """Serve ``options.model`` on the running Ray for the duration of the block; yields
     the deployment's ``user_config``; Serve is shut down after."""
     user_config = resolve_source(options)
     try:
-        serve.start(http_options={"host": options.host, "port": options.port})
+        serve.start(proxy_location=options.proxy_location, http_options={"host": options.host, "port": options.port})
         serve.run(deployment(options, user_config), name=APP_NAME, route_prefix="/")
         yield user_config
     finally:
@@ -111,7 +88,7 @@ def run_server(options: ServeOptions, on_ready: Callable[[dict[str, Any]], None]
     """Serve until SIGINT/SIGTERM; SIGHUP swaps to the URI's current version."""
     stop, reload = threading.Event(), threading.Event()
     pid = pid_file(options.port)
-    with ray_session(options.address):
+    with ray_session(options.address, options.tracking_uri):
         # after ray.init (it installs handlers of its own), before anything is served
         previous = {
             signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: stop.set()),

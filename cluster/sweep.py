@@ -2,7 +2,9 @@
 MLflow tracking from the driver.
 
 State for ``--resume`` lives next to the Tune storage: ``{storage}/{name}.sweep.json``
-names the latest run directory of the sweep and its MLflow parent run.
+names the latest run directory of the sweep and its MLflow parent run. Storage may be a
+local path, a shared mount or an ``s3://`` / ``gs://`` URI; on a cluster, every node must
+see it (checked before the first trial).
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from trainables.data import load_dataset
 from trainables.trainable import TrialSetup, run_trial
 
+from . import storage as shared_storage
 from .home import storage_path, tracking_uri
+from .remote import is_client, ray_session
 from .sweep_file import SweepSpec, num_trials, param_space, searched_keys
 from .tracking import MLflowTrialLogger, SweepTracker, finish_parent, interrupt_parent
 
@@ -41,8 +44,8 @@ class SweepOutcome:
         return first if first and first["status"] == "FINISHED" else None
 
 
-def _state_file(storage: str, name: str) -> Path:
-    return Path(storage) / f"{name}.sweep.json"
+def _state_name(spec: SweepSpec) -> str:
+    return f"{spec.name}.sweep.json"
 
 
 def _scheduler(spec: SweepSpec):
@@ -84,6 +87,32 @@ def fixed_params(spec: SweepSpec) -> dict[str, Any]:
     }
 
 
+def _interrupted_state(spec: SweepSpec, storage: str) -> dict[str, Any]:
+    """The saved state of the sweep's interrupted last run, for ``--resume``."""
+    saved = shared_storage.read_text(storage, _state_name(spec))
+    if saved is None:
+        raise RuntimeError(f"nothing to resume: no sweep named {spec.name!r} under {storage}")
+    state = json.loads(saved)
+    if state["finished"]:
+        raise RuntimeError(f"nothing to resume: the last {spec.name!r} sweep ({state['run_name']}) finished")
+    return state
+
+
+def _open_sweep(
+    spec: SweepSpec, tracker: SweepTracker, storage: str, sweep_file: Path, resumed: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The sweep's state (``run_name``, ``parent_run_id``, ``finished``): the ``resumed``
+    one with its MLflow parent run reopened, or a new parent run."""
+    if resumed is not None:
+        tracker.reopen(tracker.client.get_run(resumed["parent_run_id"]))
+        return resumed
+    run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent = tracker.start_parent(run_name, {**fixed_params(spec), "search_space": json.dumps(spec.search)}, sweep_file)
+    state = {"run_name": run_name, "parent_run_id": parent, "finished": False}
+    shared_storage.write_text(storage, _state_name(spec), json.dumps(state))
+    return state
+
+
 def run_sweep(
     spec: SweepSpec,
     *,
@@ -98,21 +127,9 @@ def run_sweep(
     ``extra_space`` adds keys to every trial's config (tests inject faults with it)."""
     started = time.perf_counter()
     uri, storage = tracking_uri(tracking), storage_path(storage)
-    state_file = _state_file(storage, spec.name)
+    resumed = _interrupted_state(spec, storage) if resume else None
+    sweep_file = Path(spec.source).absolute()  # before ray.init: a Ray Job's driver changes directory
     data = load_dataset(**spec.data)
-    tracker = SweepTracker(uri, spec.name)
-    if resume:
-        if not state_file.exists():
-            raise RuntimeError(f"nothing to resume: no sweep named {spec.name!r} under {storage}")
-        state = json.loads(state_file.read_text())
-        if state["finished"]:
-            raise RuntimeError(f"nothing to resume: the last {spec.name!r} sweep ({state['run_name']}) finished")
-        tracker.reopen(tracker.client.get_run(state["parent_run_id"]))
-    else:
-        run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        parent = tracker.start_parent(run_name, {**fixed_params(spec), "search_space": json.dumps(spec.search)}, Path(spec.source))
-        state = {"run_name": run_name, "parent_run_id": parent, "finished": False}
-        state_file.write_text(json.dumps(state))
     setup = TrialSetup(
         family=spec.model,
         data=data,
@@ -122,13 +139,14 @@ def run_sweep(
         checkpoint_every=spec.checkpoint_every,
     )
     trainable = _trainable(spec, setup)
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
-    try:
-        run_dir = Path(storage) / state["run_name"]
+    tracker = SweepTracker(uri, spec.name)
+    with ray_session(address, uri):
+        if shared_storage.needs_check(storage):  # before any run is opened
+            shared_storage.check_shared(storage, shared_storage.controller_node(is_client(address)))
+        state = _open_sweep(spec, tracker, storage, sweep_file, resumed)
+        run_dir = f"{storage.rstrip('/')}/{state['run_name']}"
         if resume:
-            tuner = tune.Tuner.restore(str(run_dir), trainable, resume_unfinished=True, resume_errored=False)
+            tuner = tune.Tuner.restore(run_dir, trainable, resume_unfinished=True, resume_errored=False)
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -153,9 +171,6 @@ def run_sweep(
                 ),
             )
         results = tuner.fit()
-    finally:
-        if own_ray:
-            ray.shutdown()
     # After Ctrl-C, Tune returns with trials cut short (their last result is not ``done``)
     # or never started.
     cut_short = sum(1 for result in results if result.error is None and not result.metrics.get("done"))
@@ -170,5 +185,5 @@ def run_sweep(
         if result.error is not None
     }
     leaderboard = finish_parent(tracker, state["parent_run_id"], searched_keys(spec), errors)
-    state_file.write_text(json.dumps({**state, "finished": True}))
+    shared_storage.write_text(storage, _state_name(spec), json.dumps({**state, "finished": True}))
     return SweepOutcome(spec.name, state["parent_run_id"], uri, leaderboard, time.perf_counter() - started)

@@ -10,6 +10,7 @@ request never fails its batch.
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,13 @@ import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from ray import serve
+from ray.serve import Application
 
 from trainables.svi import CHECKPOINT_CONFIG, load_checkpoint
 
+from .registry import load_model_version, parse_model_uri, pin_source
 from .scoring import RequestError, compute, merge, parse_inputs
 from .scoring import sample as draw_samples
 
@@ -51,8 +55,6 @@ def load_source(config: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]
     and what ``/v1/model`` says about it."""
     source = config["source"]
     if source.startswith("models:/"):
-        from .registry import load_model_version, parse_model_uri
-
         name, _, version = parse_model_uri(source)
         return load_model_version(config["tracking_uri"], name, version)
     model = load_checkpoint(source).eval()
@@ -88,7 +90,12 @@ class ModelServer:
 
     @api.get("/healthz")
     def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.info.get("name"), "version": self.info.get("version")}
+        return {
+            "status": "ok",
+            "model": self.info.get("name"),
+            "version": self.info.get("version"),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
 
     @api.get("/v1/model")
     def describe(self) -> dict[str, Any]:
@@ -145,3 +152,23 @@ class ModelServer:
         model = self._current()
         body = await _body(request)
         return await asyncio.to_thread(draw_samples, model, body)
+
+
+class AppArgs(BaseModel):
+    """Arguments of :func:`build_app` (validated by Ray Serve before the app is built)."""
+
+    model: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint directory")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    max_batch_size: int = Field(16, ge=1)
+
+
+def build_app(args: AppArgs) -> Application:
+    """The application for Serve config files and KubeRay's RayService
+    (``import_path: serve.app:build_app`` with ``args: {model: ..., tracking_uri: ...}``),
+    or ``serve run serve.app:build_app model=models:/NAME@champion``. An alias is pinned
+    to its version number when the app is built; replicas and resources come from the
+    config's ``deployments`` section (deployment name ``pyrosweep``)."""
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if args.model.startswith("models:/") and not tracking_uri:
+        raise ValueError(f"{args.model}: a registry model needs tracking_uri (or $MLFLOW_TRACKING_URI)")
+    return ModelServer.options(user_config=pin_source(args.model, tracking_uri)).bind(args.max_batch_size)

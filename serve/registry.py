@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -72,6 +73,20 @@ def resolve_version(client: MlflowClient, uri: str) -> ModelVersion:
             raise
         known = ", ".join(_versions(client, name)) or "none"
         raise ValueError(f"model {name!r} has no version {version} (its versions: {known})") from None
+
+
+def pin_source(model: str, tracking_uri: str) -> dict[str, Any]:
+    """A replica's ``user_config`` for ``model``: a registry URI pinned to a version number
+    (so that moving the alias later is an explicit swap), or an absolute checkpoint path."""
+    if model.startswith("models:/"):
+        version = resolve_version(MlflowClient(tracking_uri, registry_uri=tracking_uri), model)
+        source = f"models:/{version.name}/{version.version}"
+    else:
+        path = Path(model).expanduser().absolute()
+        if not (path / "model.pt").exists():
+            raise FileNotFoundError(f"{model}: not a models:/ URI nor a checkpoint directory (no model.pt)")
+        source = str(path)
+    return {"source": source, "tracking_uri": tracking_uri}
 
 
 def download_checkpoint(client: MlflowClient, version: ModelVersion, directory: str) -> str:

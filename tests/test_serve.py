@@ -14,8 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ import torch
 from ray import serve
 
 from cluster.serving import ServeOptions, deployment
+from helpers import free_port, get, post
 from serve.scoring import SCORE_SEED
 from trainables.data import load_dataset
 from trainables.models import build_model
@@ -37,27 +36,6 @@ FAMILIES = {
     "gmm": ("synthetic-gmm", {}),
     "dmm": ("synthetic-hmm", {"emission_dim": 8, "transition_dim": 8, "rnn_dim": 8}),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def post(url: str, body, timeout: float = 60) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
-
-
-def get(url: str) -> tuple[int, dict]:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return response.status, json.load(response)
 
 
 def trained_checkpoint(directory: Path, family: str, seed: int = 0, epochs: int = 2) -> Path:

@@ -16,64 +16,20 @@ from pathlib import Path
 
 import pytest
 import ray
-from mlflow.tracking import MlflowClient
 from ray import tune
 
 from cluster.sweep import run_sweep
 from cluster.sweep_file import load_sweep_file
-from cluster.tracking import PARENT_TAG, SWEEP_TAG, TRIAL_TAG
+from cluster.tracking import PARENT_TAG, TRIAL_TAG
+from helpers import mlflow_runs, write_sweep
 
 pytestmark = pytest.mark.slow
-
-SWEEP = """
-name: {name}
-model: hmm
-data: {{name: synthetic-hmm, num_sequences: {sequences}, length: 20, hidden_dim: 2}}
-train: {{epochs: {epochs}, batch_size: 10, patience: 50}}
-search:
-  hidden_dim: {hidden_dim}
-  lr: {{loguniform: [0.01, 0.1]}}
-  seed: {{randint: [0, 1000]}}
-restarts: {{screen: 4, keep: 1}}
-num_samples: {num_samples}
-resources: {{cpu: 1, gpu: {gpu}}}
-max_concurrent: 2
-max_failures: 1
-checkpoint_every: 2
-"""
-
 
 @pytest.fixture(scope="module")
 def ray_address():
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
-
-
-def write_sweep(
-    tmp_path: Path,
-    name: str,
-    epochs: int = 4,
-    num_samples: int = 1,
-    gpu: float = 0,
-    hidden_dim: str = "{grid: [2, 3]}",
-    sequences: int = 30,
-) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    text = SWEEP.format(
-        name=name, epochs=epochs, num_samples=num_samples, gpu=gpu, hidden_dim=hidden_dim, sequences=sequences
-    )
-    path.write_text(text)
-    return path
-
-
-def mlflow_runs(uri: str, name: str):
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(name)
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get(SWEEP_TAG) == "parent"]
-    children = [r for r in runs if r.data.tags.get(SWEEP_TAG) == "trial"]
-    return client, parents, children
 
 
 def test_a_tiny_sweep_logs_one_parent_and_a_finished_child_per_trial(tmp_path, ray_address):

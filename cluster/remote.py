@@ -1,0 +1,76 @@
+"""Ray for a command: a local one, or an existing cluster that the project's code and
+settings reach.
+
+With ``--address`` (``auto``, ``HOST:PORT`` or ``ray://HOST:10001``) the driver joins a
+running cluster and ships this checkout's packages to every worker as ``py_modules``, so
+trials and Serve replicas run the same code as the driver even where an older pyrosweep
+is installed; ``MLFLOW_TRACKING_URI`` travels with them so every process names the same
+tracking store.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import ray
+
+import cluster
+import serve
+import trainables
+
+PROJECT_PACKAGES = (trainables, serve, cluster)
+JOB_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray Jobs for a job's driver
+
+
+def is_client(address: str | None) -> bool:
+    """Ray Client (``ray://``): the driver's Tune loop then runs on the head node."""
+    return bool(address) and address.startswith("ray://")
+
+
+def runtime_env(tracking_uri: str | None) -> dict[str, Any]:
+    """The runtime env of every worker of a cluster job: the project's packages and its
+    tracking URI (when given)."""
+    env_vars = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    if tracking_uri:
+        env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
+    return {
+        "py_modules": [str(Path(package.__file__).parent) for package in PROJECT_PACKAGES],
+        "env_vars": env_vars,
+    }
+
+
+def check_tracking_uri(address: str | None, tracking_uri: str) -> None:
+    """Refuse a tracking store the cluster's side of a Ray Client session cannot reach."""
+    if is_client(address) and tracking_uri.startswith(("sqlite:", "file:")):
+        raise ValueError(
+            f"--address {address}: with Ray Client the sweep's Tune loop (and its MLflow logging) "
+            f"runs on the cluster's head node, which cannot write this machine's store "
+            f"{tracking_uri}; start a tracking server (pyrosweep tracking-server) and pass "
+            f"--tracking-uri http://HOST:PORT"
+        )
+
+
+@contextmanager
+def ray_session(address: str | None, tracking_uri: str) -> Iterator[None]:
+    """Ray for the block: the cluster at ``address`` (joined with the project's runtime
+    env), a Ray already initialised in this process, or a local one started (and stopped)
+    here."""
+    if ray.is_initialized():
+        yield
+        return
+    check_tracking_uri(address, tracking_uri)
+    if is_client(address):  # Ray Client takes no dashboard or logging options
+        ray.init(address=address, runtime_env=runtime_env(tracking_uri))
+    elif address and not os.environ.get(JOB_DRIVER_ENV):
+        ray.init(address=address, runtime_env=runtime_env(tracking_uri), configure_logging=False)
+    elif address:  # a Ray Job's driver: the job's runtime env already carries the project
+        ray.init(address=address, configure_logging=False)
+    else:
+        ray.init(include_dashboard=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,78 @@
+"""What several test modules share: sweep files, MLflow look-ups, free ports and JSON
+over HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from cluster.tracking import SWEEP_TAG
+
+SWEEP = """
+name: {name}
+model: hmm
+data: {{name: synthetic-hmm, num_sequences: {sequences}, length: 20, hidden_dim: 2}}
+train: {{epochs: {epochs}, batch_size: 10, patience: 50}}
+search:
+  hidden_dim: {hidden_dim}
+  lr: {{loguniform: [0.01, 0.1]}}
+  seed: {{randint: [0, 1000]}}
+restarts: {{screen: 4, keep: 1}}
+num_samples: {num_samples}
+resources: {{cpu: 1, gpu: {gpu}}}
+max_concurrent: 2
+max_failures: 1
+checkpoint_every: 2
+"""
+
+
+def write_sweep(
+    tmp_path: Path,
+    name: str,
+    epochs: int = 4,
+    num_samples: int = 1,
+    gpu: float = 0,
+    hidden_dim: str = "{grid: [2, 3]}",
+    sequences: int = 30,
+) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    text = SWEEP.format(
+        name=name, epochs=epochs, num_samples=num_samples, gpu=gpu, hidden_dim=hidden_dim, sequences=sequences
+    )
+    path.write_text(text)
+    return path
+
+
+def mlflow_runs(uri: str, name: str):
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get(SWEEP_TAG) == "parent"]
+    children = [r for r in runs if r.data.tags.get(SWEEP_TAG) == "trial"]
+    return client, parents, children
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def post(url: str, body, timeout: float = 60) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def get(url: str) -> tuple[int, dict]:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.status, json.load(response)
