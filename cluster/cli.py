@@ -16,6 +16,7 @@ from typing import Sequence
 
 from .home import project_home, tracking_uri
 
+
 def _print_table(rows: list[dict], columns: list[str]) -> None:
     cells = [[_format(row.get(c, "")) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]

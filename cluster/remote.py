@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import cluster
 import serve
 import trainables
 
 PROJECT_PACKAGES = (trainables, serve, cluster)
+HEAD_RESOURCE = "node:__internal_head__"  # every head node has this resource
 JOB_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray Jobs for a job's driver
 
 
@@ -74,3 +76,16 @@ def ray_session(address: str | None, tracking_uri: str) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def on_node(node_id: str, function):
+    """``function`` as a zero-CPU Ray task pinned to ``node_id``: call ``.remote(*args)``."""
+    task = ray.remote(num_cpus=0, max_retries=0)(function)
+    return task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+
+
+def controller_node(client: bool) -> str:
+    """The node Tune's loop runs on: the head under Ray Client, else this driver's node."""
+    if client:
+        return next(node["NodeID"] for node in ray.nodes() if node["Alive"] and HEAD_RESOURCE in node["Resources"])
+    return ray.get_runtime_context().get_node_id()

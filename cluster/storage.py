@@ -13,10 +13,10 @@ import uuid
 
 import ray
 from pyarrow import fs
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from .remote import on_node
 
 CHECK_DIR = ".pyrosweep-storage-check"
-HEAD_RESOURCE = "node:__internal_head__"
 
 
 def _open(storage: str) -> tuple[fs.FileSystem, str]:
@@ -63,29 +63,24 @@ def _probe(storage: str, marker: str, expected: str, node_id: str) -> str | None
     return None
 
 
-def _on_node(node_id: str, function, *args):
-    task = ray.remote(num_cpus=0, max_retries=0)(function)
-    return task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(*args)
-
-
 def check_shared(storage: str, controller_node: str, timeout_s: float = 60.0) -> None:
     """Raise ``RuntimeError`` unless every alive node of the running Ray reads what the
     controller node (where Tune's loop runs) writes to ``storage``, and the controller
     reads back what each node writes."""
     marker, expected = uuid.uuid4().hex, uuid.uuid4().hex
     nodes = {node["NodeID"]: node for node in ray.nodes() if node["Alive"]}
-    written = ray.get(_on_node(controller_node, _write_marker, storage, marker, expected), timeout=timeout_s)
+    written = ray.get(on_node(controller_node, _write_marker).remote(storage, marker, expected), timeout=timeout_s)
     if written is not None:
         raise RuntimeError(f"--storage {storage}: the sweep's driver {written}")
-    probes = {_on_node(node_id, _probe, storage, marker, expected, node_id): node_id for node_id in nodes}
+    probes = {on_node(node_id, _probe).remote(storage, marker, expected, node_id): node_id for node_id in nodes}
     ready, late = ray.wait(list(probes), num_returns=len(probes), timeout=timeout_s)
     problems = {probes[ref]: ray.get(ref) for ref in ready}
     problems.update({probes[ref]: f"did not answer within {timeout_s:.0f} s" for ref in late})
-    seen_back = ray.get(_on_node(controller_node, _read_back, storage, marker, list(nodes)), timeout=timeout_s)
+    seen_back = ray.get(on_node(controller_node, _read_back).remote(storage, marker, list(nodes)), timeout=timeout_s)
     for node_id in nodes:
         if problems.get(node_id) is None and node_id not in seen_back:
             problems[node_id] = "writes files there that the driver does not see"
-    ray.get(_on_node(controller_node, remove, storage, CHECK_DIR), timeout=timeout_s)
+    ray.get(on_node(controller_node, remove).remote(storage, CHECK_DIR), timeout=timeout_s)
     failing = {node_id: problem for node_id, problem in problems.items() if problem is not None}
     if failing:
         lines = "\n".join(
@@ -109,13 +104,6 @@ def _write_marker(storage: str, marker: str, expected: str) -> str | None:
 
 def _read_back(storage: str, marker: str, node_ids: list[str]) -> list[str]:
     return [node_id for node_id in node_ids if read_text(storage, f"{CHECK_DIR}/{marker}.{node_id}") is not None]
-
-
-def controller_node(client: bool) -> str:
-    """The node Tune's loop runs on: the head under Ray Client, else this driver's node."""
-    if client:
-        return next(node["NodeID"] for node in ray.nodes() if node["Alive"] and HEAD_RESOURCE in node["Resources"])
-    return ray.get_runtime_context().get_node_id()
 
 
 def needs_check(storage: str) -> bool:

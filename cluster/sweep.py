@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -23,7 +24,7 @@ from trainables.trainable import TrialSetup, run_trial
 
 from . import storage as shared_storage
 from .home import storage_path, tracking_uri
-from .remote import is_client, ray_session
+from .remote import controller_node, is_client, on_node, ray_session
 from .sweep_file import SweepSpec, num_trials, param_space, searched_keys
 from .tracking import MLflowTrialLogger, SweepTracker, finish_parent, interrupt_parent
 
@@ -113,6 +114,62 @@ def _open_sweep(
     return state
 
 
+@dataclass
+class FitOutcome:
+    """What the driver needs of Tune's results: trials left unfinished (Ctrl-C) and the
+    error of each failed trial by trial id."""
+
+    unfinished: int
+    errors: dict[str, str]
+
+
+def _fit(
+    spec: SweepSpec,
+    setup: TrialSetup,
+    uri: str,
+    storage: str,
+    state: dict[str, Any],
+    resume: bool,
+    extra_space: dict[str, Any] | None,
+) -> FitOutcome:
+    """Run (or restore and finish) the sweep's Tuner on the Ray this process is in."""
+    trainable = _trainable(spec, setup)
+    run_dir = f"{storage.rstrip('/')}/{state['run_name']}"
+    if resume:
+        tuner = tune.Tuner.restore(run_dir, trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={**param_space(spec), **(extra_space or {})},
+            tune_config=tune.TuneConfig(
+                metric=spec.metric,
+                mode="min",
+                num_samples=spec.num_samples,
+                scheduler=_scheduler(spec),
+                search_alg=_search_alg(spec),
+                max_concurrent_trials=spec.max_concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name=state["run_name"],
+                storage_path=storage,
+                # restored with the experiment on --resume
+                callbacks=[MLflowTrialLogger(uri, spec.name, state["parent_run_id"], fixed_params(spec), spec.data)],
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            ),
+        )
+    results = tuner.fit()
+    # After Ctrl-C, Tune returns with trials cut short (their last result is not ``done``)
+    # or never started.
+    cut_short = sum(1 for result in results if result.error is None and not result.metrics.get("done"))
+    return FitOutcome(
+        unfinished=cut_short + max(0, num_trials(spec) - len(results)),
+        errors={
+            result.metrics.get("trial_id", ""): str(result.error) for result in results if result.error is not None
+        },
+    )
+
+
 def run_sweep(
     spec: SweepSpec,
     *,
@@ -138,52 +195,20 @@ def run_sweep(
         keep=spec.restarts.keep,
         checkpoint_every=spec.checkpoint_every,
     )
-    trainable = _trainable(spec, setup)
     tracker = SweepTracker(uri, spec.name)
     with ray_session(address, uri):
         if shared_storage.needs_check(storage):  # before any run is opened
-            shared_storage.check_shared(storage, shared_storage.controller_node(is_client(address)))
+            shared_storage.check_shared(storage, controller_node(is_client(address)))
         state = _open_sweep(spec, tracker, storage, sweep_file, resumed)
-        run_dir = f"{storage.rstrip('/')}/{state['run_name']}"
-        if resume:
-            tuner = tune.Tuner.restore(run_dir, trainable, resume_unfinished=True, resume_errored=False)
+        arguments = (spec, setup, uri, storage, state, resume, extra_space)
+        if is_client(address):  # Tune's own Ray Client mode loses tune.with_parameters data
+            outcome = ray.get(on_node(controller_node(client=True), _fit).remote(*arguments))
         else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space={**param_space(spec), **(extra_space or {})},
-                tune_config=tune.TuneConfig(
-                    metric=spec.metric,
-                    mode="min",
-                    num_samples=spec.num_samples,
-                    scheduler=_scheduler(spec),
-                    search_alg=_search_alg(spec),
-                    max_concurrent_trials=spec.max_concurrent,
-                ),
-                run_config=tune.RunConfig(
-                    name=state["run_name"],
-                    storage_path=storage,
-                    # restored with the experiment on --resume
-                    callbacks=[
-                        MLflowTrialLogger(uri, spec.name, state["parent_run_id"], fixed_params(spec), spec.data)
-                    ],
-                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                ),
-            )
-        results = tuner.fit()
-    # After Ctrl-C, Tune returns with trials cut short (their last result is not ``done``)
-    # or never started.
-    cut_short = sum(1 for result in results if result.error is None and not result.metrics.get("done"))
-    unfinished = cut_short + max(0, num_trials(spec) - len(results))
-    if unfinished:
-        reason = f"interrupted with {unfinished} trial(s) unfinished: pyrosweep sweep {spec.source} --resume"
+            outcome = _fit(*arguments)
+    if outcome.unfinished:
+        reason = f"interrupted with {outcome.unfinished} trial(s) unfinished: pyrosweep sweep {spec.source} --resume"
         interrupt_parent(tracker, state["parent_run_id"], reason)
         raise RuntimeError(f"sweep {spec.name} {reason}")
-    errors = {
-        result.metrics.get("trial_id", ""): str(result.error)
-        for result in results
-        if result.error is not None
-    }
-    leaderboard = finish_parent(tracker, state["parent_run_id"], searched_keys(spec), errors)
+    leaderboard = finish_parent(tracker, state["parent_run_id"], searched_keys(spec), outcome.errors)
     shared_storage.write_text(storage, _state_name(spec), json.dumps({**state, "finished": True}))
     return SweepOutcome(spec.name, state["parent_run_id"], uri, leaderboard, time.perf_counter() - started)

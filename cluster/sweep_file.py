@@ -37,7 +37,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from trainables.data import DATASETS, named_loader, load_file
+from trainables.data import DATASETS, load_file, named_loader
 from trainables.data.files import READERS
 from trainables.models import FAMILIES, MapModel
 from trainables.svi import TrainConfig

@@ -4,14 +4,23 @@ over HTTP."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from mlflow.tracking import MlflowClient
 
 from cluster.tracking import SWEEP_TAG
+from cluster.tracking_server import wait_until_up
+
+PYROSWEEP = str(Path(sys.executable).parent / "pyrosweep")
 
 SWEEP = """
 name: {name}
@@ -76,3 +85,22 @@ def post(url: str, body, timeout: float = 60) -> tuple[int, dict]:
 def get(url: str) -> tuple[int, dict]:
     with urllib.request.urlopen(url, timeout=30) as response:
         return response.status, json.load(response)
+
+
+@contextmanager
+def tracking_server(backend_store_uri: str, artifacts: Path) -> Iterator[str]:
+    """A real ``pyrosweep tracking-server`` on a free loopback port for the block; yields
+    its URL."""
+    port = free_port()
+    server = subprocess.Popen(
+        [PYROSWEEP, "tracking-server", "--backend-store-uri", backend_store_uri,
+         "--artifacts-destination", str(artifacts), "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, timeout_s=180)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

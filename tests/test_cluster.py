@@ -24,7 +24,7 @@ from cluster.remote import ray_session
 from cluster.serving import ServeOptions, serving
 from cluster.sweep import run_sweep
 from cluster.sweep_file import load_sweep_file
-from helpers import free_port, get, mlflow_runs, post, write_sweep
+from helpers import free_port, get, mlflow_runs, post, tracking_server, write_sweep
 from trainables.models import build_model
 from trainables.svi import save_checkpoint
 
@@ -35,17 +35,22 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def three_nodes():
-    """A head with 0 CPUs (and the Jobs API) and two worker nodes of 1 CPU each. The
+    """A head with 0 CPUs (with the Jobs API and a Ray Client server) and two worker nodes
+    of 1 CPU each. The
     cluster's ``python`` is this virtual environment's, as on a cluster built from the
     project's image."""
     path = os.environ["PATH"]
     os.environ["PATH"] = f"{BIN}{os.pathsep}{path}"
-    dashboard_port = free_port()
+    dashboard_port, client_port = free_port(), free_port()
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": dashboard_port},
-    )
+        head_node_args={
+            "num_cpus": 0, "include_dashboard": True, "dashboard_port": dashboard_port,
+            "ray_client_server_port": client_port,
+        },
+    )  # fmt: skip
     cluster.jobs_url = f"http://127.0.0.1:{dashboard_port}"
+    cluster.client_address = f"ray://127.0.0.1:{client_port}"
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     yield cluster, workers
@@ -64,10 +69,12 @@ def test_a_sweep_spreads_its_trials_over_both_worker_nodes(tmp_path, three_nodes
     started = time.perf_counter()
     outcome = run_sweep(spec, address=cluster.address, tracking=uri, storage=str(storage))
     print(f"4 trials on 2 worker nodes: {time.perf_counter() - started:.1f} s")
-    _, parents, children = mlflow_runs(uri, "spread")
+    client, parents, children = mlflow_runs(uri, "spread")
     assert parents[0].info.status == "FINISHED" and len(outcome.leaderboard) == 4
     assert {child.info.status for child in children} == {"FINISHED"}
     assert {child.data.tags["ray.node_id"] for child in children} == worker_ids(workers)
+    for child in children:  # checkpoints written on a worker node reach MLflow
+        assert "checkpoint" in {artifact.path for artifact in client.list_artifacts(child.info.run_id)}
     run_dir = storage / json.loads((storage / "spread.sweep.json").read_text())["run_name"]
     assert len(list(run_dir.glob("*/checkpoint_*/model.pt"))) >= 4
 
@@ -107,6 +114,22 @@ def test_a_worker_node_lost_mid_sweep_has_its_trials_retried_on_the_other(tmp_pa
     for child in children:
         steps = {point.step for point in client.get_metric_history(child.info.run_id, "valid_nll")}
         assert steps == set(range(1, 41))
+
+
+def test_a_sweep_through_ray_client_logs_to_the_tracking_server(tmp_path, three_nodes):
+    """With ``ray://`` the Tune loop runs on the head node: its MLflow store must be a
+    server (a local SQLite file is refused), and the trials still spread."""
+    cluster, workers = three_nodes
+    spec = load_sweep_file(write_sweep(tmp_path, "client"))
+    local = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(ValueError, match="start a tracking server"):
+        run_sweep(spec, address=cluster.client_address, tracking=local, storage=str(tmp_path / "shared"))
+    with tracking_server(local, tmp_path / "artifacts") as url:
+        run_sweep(spec, address=cluster.client_address, tracking=url, storage=str(tmp_path / "shared"))
+        _, parents, children = mlflow_runs(url, "client")
+    assert parents[0].info.status == "FINISHED"
+    assert {child.info.status for child in children} == {"FINISHED"}
+    assert {child.data.tags["ray.node_id"] for child in children} == worker_ids(workers)
 
 
 def test_serve_with_two_replicas_answers_from_both_worker_nodes(tmp_path, three_nodes):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import sqlalchemy
@@ -22,17 +20,15 @@ from cluster.remote import ray_session
 from cluster.serving import ServeOptions, serving
 from cluster.sweep import run_sweep
 from cluster.sweep_file import load_sweep_file
-from cluster.tracking_server import wait_until_up
-from helpers import free_port, mlflow_runs, post, write_sweep
+from helpers import PYROSWEEP, free_port, mlflow_runs, post, tracking_server, write_sweep
 from serve.registry import load_model_version
 
 pytestmark = pytest.mark.slow
 POSTGRES = os.environ.get("PYROSWEEP_TEST_POSTGRES")
-PYROSWEEP = str(Path(sys.executable).parent / "pyrosweep")
 
 
 @pytest.fixture(scope="module")
-def tracking_server(tmp_path_factory):
+def postgres_server(tmp_path_factory):
     """A fresh database behind a real ``pyrosweep tracking-server``; yields its URL and
     the artifacts directory it proxies."""
     if not POSTGRES:
@@ -41,23 +37,13 @@ def tracking_server(tmp_path_factory):
     with engine.begin() as connection:  # the tables of an earlier run go
         connection.execute(sqlalchemy.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
     engine.dispose()
-    artifacts, port = tmp_path_factory.mktemp("artifacts"), free_port()
-    server = subprocess.Popen(
-        [PYROSWEEP, "tracking-server", "--backend-store-uri", POSTGRES, "--artifacts-destination", str(artifacts),
-         "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url, timeout_s=180)
+    artifacts = tmp_path_factory.mktemp("artifacts")
+    with tracking_server(POSTGRES, artifacts) as url:
         yield url, artifacts
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=60)
 
 
-def test_sweep_promote_and_serve_through_the_tracking_server(tmp_path, tracking_server):
-    url, artifacts = tracking_server
+def test_sweep_promote_and_serve_through_the_tracking_server(tmp_path, postgres_server):
+    url, artifacts = postgres_server
     spec = load_sweep_file(write_sweep(tmp_path, "pg-sweep", epochs=3))
     outcome = run_sweep(spec, tracking=url, storage=str(tmp_path / "ray"))
     client, parents, children = mlflow_runs(url, "pg-sweep")
