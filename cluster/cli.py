@@ -11,10 +11,18 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
 from .home import project_home, tracking_uri
+
+
+def _from_args(settings_class, args: argparse.Namespace):
+    """An instance of the dataclass ``settings_class`` from the command-line arguments of
+    the same names (fields with no such argument keep their defaults)."""
+    given = vars(args)
+    return settings_class(**{f.name: given[f.name] for f in fields(settings_class) if f.name in given})
 
 
 def _print_table(rows: list[dict], columns: list[str]) -> None:
@@ -59,16 +67,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from trainables.models import build_model
     from trainables.svi import TrainConfig, evaluate_nll, save_checkpoint, train
 
-    config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_decay=args.lr_decay,
-        patience=args.patience,
-        seed=args.seed,
-        screen=args.screen,
-        device=args.device,
-    )
+    config = _from_args(TrainConfig, args)
     dataset = _load(args.data, args.max_chorales)
     model = build_model(args.model, data_dim=dataset.data_dim, hidden_dim=args.hidden_dim)
     print(f"training {args.model} (hidden_dim={args.hidden_dim}) on {dataset.name}: "
@@ -142,14 +141,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
 def cmd_tracking_server(args: argparse.Namespace) -> None:
     from .tracking_server import ServerOptions, run
 
-    run(ServerOptions(
-        backend_store_uri=args.backend_store_uri,
-        artifacts_destination=args.artifacts_destination,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        allowed_hosts=args.allowed_hosts,
-    ))  # fmt: skip
+    run(_from_args(ServerOptions, args))
 
 
 def _print_leaderboard(rows: list[dict]) -> None:
