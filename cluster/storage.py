@@ -10,6 +10,7 @@ fails mid-sweep, so the sweep is refused up front instead.
 from __future__ import annotations
 
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 import ray
 from pyarrow import fs
@@ -17,6 +18,14 @@ from pyarrow import fs
 from .remote import on_node
 
 CHECK_DIR = ".pyrosweep-storage-check"
+
+
+def join(storage: str, name: str) -> str:
+    """``name`` below ``storage``, keeping a URI's query (``s3://b/p?endpoint_override=...``)."""
+    if "://" not in storage:
+        return f"{storage.rstrip('/')}/{name}"
+    parts = urlsplit(storage)
+    return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{name}"))
 
 
 def _open(storage: str) -> tuple[fs.FileSystem, str]:

@@ -134,7 +134,7 @@ def _fit(
 ) -> FitOutcome:
     """Run (or restore and finish) the sweep's Tuner on the Ray this process is in."""
     trainable = _trainable(spec, setup)
-    run_dir = f"{storage.rstrip('/')}/{state['run_name']}"
+    run_dir = shared_storage.join(storage, state["run_name"])
     if resume:
         tuner = tune.Tuner.restore(run_dir, trainable, resume_unfinished=True, resume_errored=False)
     else:

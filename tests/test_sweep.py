@@ -16,20 +16,25 @@ from pathlib import Path
 
 import pytest
 import ray
+from pyarrow import fs
 from ray import tune
 
 from cluster.sweep import run_sweep
 from cluster.sweep_file import load_sweep_file
 from cluster.tracking import PARENT_TAG, TRIAL_TAG
-from helpers import mlflow_runs, write_sweep
+from helpers import free_port, mlflow_runs, write_sweep
 
 pytestmark = pytest.mark.slow
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
 
 @pytest.fixture(scope="module")
 def ray_address():
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in S3_TEST_ENV.items():  # for `s3_storage`, inherited by the Ray workers
+            patch.setenv(key, value)
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False)
+        yield ray.get_runtime_context().gcs_address
+        ray.shutdown()
 
 
 def test_a_tiny_sweep_logs_one_parent_and_a_finished_child_per_trial(tmp_path, ray_address):
@@ -112,12 +117,40 @@ def finish(process: subprocess.Popen, tmp_path: Path, log: str, timeout: float =
     return (tmp_path / log).read_text()
 
 
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["killed", "interrupted"])
-def test_driver_stopped_then_resume_finishes_the_same_sweep(tmp_path, ray_address, stop):
+@pytest.fixture(scope="module")
+def s3_storage():
+    """An S3 bucket behind a real S3 API on loopback (moto's server); yields the storage
+    URI with its endpoint in the query (credentials: ``S3_TEST_ENV``)."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    options = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            bucket = fs.S3FileSystem(**dict(pair.split("=") for pair in options.split("&")), allow_bucket_creation=True)
+            bucket.create_dir("sweeps")
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+    yield f"s3://sweeps/ray_results?{options}"
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    "stop, storage", [(signal.SIGKILL, "local"), (signal.SIGINT, "s3")], ids=["killed-local", "interrupted-s3"]
+)
+def test_driver_stopped_then_resume_finishes_the_same_sweep(tmp_path, ray_address, stop, storage, request):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     epochs = 60
     config = write_sweep(tmp_path, "resume", epochs=epochs, num_samples=2, sequences=300)
-    common = ["--address", ray_address, "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]
+    where = request.getfixturevalue("s3_storage") if storage == "s3" else str(tmp_path / "ray")
+    common = ["--address", ray_address, "--tracking-uri", uri, "--storage", where]
     driver = pyrosweep(
         "sweep", str(config), *common, tmp_path=tmp_path, log="first.log", extra_env={"TUNE_GLOBAL_CHECKPOINT_S": "1"}
     )
@@ -157,6 +190,7 @@ def test_driver_stopped_then_resume_finishes_the_same_sweep(tmp_path, ray_addres
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "valid_nll")]
         assert steps.count(1) == 1, "no trial trained twice from scratch"
         assert sorted(set(steps)) == list(range(1, max(steps) + 1)), "no epoch skipped"
+        assert "checkpoint" in {artifact.path for artifact in client.list_artifacts(child.info.run_id)}
 
     runs = pyrosweep("runs", "--experiment", "resume", "--tracking-uri", uri, tmp_path=tmp_path, log="runs.log")
     table = finish(runs, tmp_path, "runs.log")
