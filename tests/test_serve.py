@@ -23,6 +23,7 @@ from ray import serve
 
 from cluster.serving import ServeOptions, deployment
 from helpers import free_port, get, post
+from serve.app import AppArgs, build_app
 from serve.scoring import SCORE_SEED
 from trainables.data import load_dataset
 from trainables.models import build_model
@@ -83,7 +84,9 @@ def test_served_answers_equal_the_in_process_model(server, family):
     url = f"{server['base']}/{family}"
     model = load_checkpoint(server["checkpoints"][family])
     body, (x, lengths) = request_inputs(family)
-    assert get(f"{url}/healthz") == (200, {"status": "ok", "model": f"{family}-0", "version": None})
+    status, health = get(f"{url}/healthz")
+    assert status == 200 and health["node_id"] == ray.get_runtime_context().get_node_id()
+    assert {k: health[k] for k in ("status", "model", "version")} == {"status": "ok", "model": f"{family}-0", "version": None}
     status, described = get(f"{url}/v1/model")
     assert status == 200 and described["family"] == family and described["data_dim"] == model.data_dim
     if family != "dmm":
@@ -128,6 +131,16 @@ def test_served_answers_equal_the_in_process_model(server, family):
     assert status == 200
     close(sampled["sequences"], x_sampled.tolist())
     close(sampled["states"], z_sampled.tolist())
+
+
+def test_the_application_builder_of_serve_configs_serves_the_same_model(server):
+    """``serve.app:build_app``, as a Serve config file or KubeRay's RayService runs it."""
+    checkpoint = str(server["checkpoints"]["hmm"])
+    serve.run(build_app(AppArgs(model=checkpoint, max_batch_size=4)), name="built", route_prefix="/built")
+    body, _ = request_inputs("hmm")
+    built = post(f"{server['base']}/built/v1/score", body)
+    assert built == post(f"{server['base']}/hmm/v1/score", body) and built[0] == 200
+    serve.delete("built")
 
 
 def test_concurrent_requests_are_batched_and_answered_as_one_by_one(server):
