@@ -10,13 +10,12 @@ the machine.
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 
 import pyro
 import pyro.distributions as dist
 import torch
+from common import machine, setup_threads
 from pyro import poutine
 from pyro.infer import SVI, TraceEnum_ELBO, config_enumerate
 from pyro.infer.autoguide import AutoDelta
@@ -69,12 +68,12 @@ def our_search(split) -> float:
 
 
 def main() -> None:
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    setup_threads()
     split = load_dataset("synthetic-gmm", num_sequences=500, hidden_dim=K).splits["train"]
     our_search(split)
     ours = min(our_search(split) for _ in range(3))
     reference = tutorial_search(split.x)
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(machine())
     print(f"gmm K={K}, {split.x.shape[0]} 2-D points, best of {NUM} initialisations")
     print(f"screening: ours {ours * 1e3:.1f} ms, tutorial loop {reference * 1e3:.0f} ms, ratio {reference / ours:.1f}x")
 

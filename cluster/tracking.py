@@ -29,7 +29,11 @@ from .plots import loss_curve_png, model_picture_png, sweep_plot_png
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "ray.trial_id"
 SWEEP_TAG = "pyrosweep.sweep"
-EPOCH_METRICS = ("train_loss", "valid_nll", "epoch_s", "best_valid_nll", "test_nll", "screen_best", "screen_worst")
+EPOCH_METRICS = (
+    "train_loss", "valid_nll", "epoch_s", "best_valid_nll", "test_nll", "screen_best", "screen_worst",
+    "setup_s",  # trial start to its first SVI step
+    "peak_rss_mb",  # the peak of the worker process (of every trial it ran: Tune reuses workers)
+)  # fmt: skip
 ERROR_TAG_LIMIT = 5000
 INTERRUPTED_TAG = "pyrosweep.interrupted"
 

@@ -29,7 +29,7 @@ data: {{name: synthetic-hmm, num_sequences: {sequences}, length: 20, hidden_dim:
 train: {{epochs: {epochs}, batch_size: 10, patience: 50}}
 search:
   hidden_dim: {hidden_dim}
-  lr: {{loguniform: [0.01, 0.1]}}
+  lr: {{loguniform: [0.01, 0.05]}}
   seed: {{randint: [0, 1000]}}
 restarts: {{screen: 4, keep: 1}}
 num_samples: {num_samples}

@@ -1,10 +1,12 @@
 """The one SVI training loop for every family, best-of-N initialisation screening, and
 checkpoints.
 
-``train`` runs minibatch SVI (``Trace_ELBO``; the HMM families' discrete states are
-already summed out exactly by the engine) with ``ClippedAdam`` and a per-step learning
-rate decay, evaluates the validation NLL per frame after every epoch, stops early after
-``patience`` epochs without improvement and ends on the best epoch's parameters.
+``train`` runs minibatch SVI (``Trace_ELBO``'s loss, computed directly for the MAP
+families, whose discrete states the engine sums out exactly) with ``ClippedAdam`` and a
+per-step learning rate decay, evaluates the validation NLL per frame after every epoch,
+stops early after ``patience`` epochs without improvement and ends on the best epoch's
+parameters. ``Trainer`` also trains several restarts of a MAP family as one batched
+model.
 """
 
 from __future__ import annotations
@@ -13,14 +15,13 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyro
 import torch
-from pyro.infer import Trace_ELBO
-from pyro.optim.clipped_adam import ClippedAdam
 
 from .data import Dataset, Split
 from .models import MapModel, SequenceModel, build_model
@@ -87,6 +88,56 @@ class TrainResult:
         return asdict(self)
 
 
+class ClippedAdam:
+    """Pyro's ``ClippedAdam`` for a list of tensors, with the same arithmetic (the tests
+    hold the two equal): every step multiplies the learning rate by ``lrd``, clamps each
+    gradient elementwise to ``[-clip_norm, clip_norm]`` and takes an Adam step. Not a
+    ``torch.optim.Optimizer``: the first use of one imports ``torch._dynamo``, measured at
+    1.0-1.7 s of every trial's start here."""
+
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        lr: float,
+        betas: tuple[float, float],
+        clip_norm: float,
+        lrd: float,
+        eps: float = 1e-8,
+    ) -> None:
+        self.params = list(params)
+        self.lr, self.betas, self.clip_norm, self.lrd, self.eps = lr, betas, clip_norm, lrd, eps
+        self.steps = [0] * len(self.params)  # per tensor, counted when it has a gradient
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for param in self.params:
+            param.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.lr *= self.lrd
+        beta1, beta2 = self.betas
+        for index, (param, exp_avg, exp_avg_sq) in enumerate(zip(self.params, self.exp_avg, self.exp_avg_sq)):
+            if param.grad is None:
+                continue
+            grad = param.grad.clamp_(-self.clip_norm, self.clip_norm)
+            self.steps[index] += 1
+            exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            step = self.steps[index]
+            step_size = self.lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+            param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(self.eps), value=-step_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lr": self.lr, "steps": list(self.steps), "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lr, self.steps = state["lr"], list(state["steps"])
+        for mine, saved in zip(self.exp_avg + self.exp_avg_sq, state["exp_avg"] + state["exp_avg_sq"]):
+            mine.copy_(saved)
+
+
 def resolve_device(name: str) -> torch.device:
     """The torch device for ``name``; asking for CUDA where there is none is an error."""
     device = torch.device(name)
@@ -115,10 +166,20 @@ def batches(split: Split, batch_size: int, generator: torch.Generator | None = N
 
 
 @torch.no_grad()
+def split_nll(
+    log_likelihood: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    split: Split,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """``(...)`` negative log-likelihood in nats per frame of a whole split (float64), for
+    ``log_likelihood(x, lengths)`` ``(..., N)``: one figure per candidate of a batch."""
+    total = sum(log_likelihood(x, lengths).sum(-1).double() for x, lengths in batches(split, batch_size))
+    return -total / num_frames(split)
+
+
 def evaluate_nll(model: SequenceModel, split: Split, batch_size: int = 64) -> float:
     """Negative log-likelihood in nats per frame of a whole split."""
-    total = sum(float(model.log_likelihood(x, lengths).sum()) for x, lengths in batches(split, batch_size))
-    return -total / num_frames(split)
+    return float(split_nll(model.log_likelihood, split, batch_size))
 
 
 @torch.no_grad()
@@ -145,8 +206,7 @@ def screen_initializations(
         params = {
             name: torch.stack([draw[name] for draw in group]).to(device, dtype) for name in group[0]
         }
-        log_likelihood = model.log_likelihood_of(params, split.x, split.lengths).sum(-1)
-        losses.append(-(model.log_prior_of(params) + log_likelihood))
+        losses.append(model.training_loss_of(params, split.x, split.lengths))
     losses = torch.cat(losses).cpu()
     order = torch.nan_to_num(losses, nan=math.inf).argsort()[:keep]
     return losses, [draws[int(i)] for i in order]
@@ -160,11 +220,48 @@ def _to(split: Split, device: torch.device) -> Split:
     return Split(split.x.to(device), None if split.lengths is None else split.lengths.to(device))
 
 
+@dataclass
+class Candidate:
+    """What a trainer records of one candidate: its epochs, and its best validation NLL so
+    far with the epoch and the model's state dict there."""
+
+    history: list[EpochRecord] = field(default_factory=list)
+    best_valid: float = math.inf
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed."""
+        return len(self.history)
+
+    def done(self, config: TrainConfig) -> bool:
+        patience = config.patience
+        out_of_patience = patience is not None and self.epoch - self.best_epoch >= patience
+        return self.epoch >= config.epochs or (self.epoch > 0 and out_of_patience)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "history": [asdict(record) for record in self.history]}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Candidate:
+        return cls(**{**state, "history": [EpochRecord(**record) for record in state["history"]]})
+
+
 class Trainer:
     """SVI on one model, an epoch at a time, with a state that can be saved and resumed.
 
-    On construction a MAP family starts from ``initial_parameters`` if given, else from
-    the best of ``config.screen`` random initialisations drawn from the training data.
+    A MAP family starts from ``initial_parameters`` if given, else from the best of
+    ``config.screen`` random initialisations drawn from the training data. Given a list of
+    ``R`` starts it trains ``R`` candidates (restarts) as one batched model: their
+    unconstrained parameters stacked ``(R, ...)`` and the loss the sum of theirs. Every
+    candidate sees the same minibatches and ``ClippedAdam`` clips and steps elementwise,
+    so each follows the trajectory it would alone (the tests hold them equal) for about the
+    cost of one run. Each keeps its own record and early stopping in ``candidates``; the
+    record of one that has stopped is frozen while the others go on (its parameters still
+    move, unused), and the trainer is done when all are. MAP families train on these
+    stacked tensors even alone (``R = 1``); after every epoch ``model`` holds the first
+    candidate's current parameters.
     """
 
     def __init__(
@@ -172,7 +269,7 @@ class Trainer:
         model: SequenceModel,
         data: Dataset,
         config: TrainConfig,
-        initial_parameters: dict[str, torch.Tensor] | None = None,
+        initial_parameters: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]] | None = None,
     ) -> None:
         torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
@@ -183,90 +280,143 @@ class Trainer:
         self.splits = {name: _to(split, self.device) for name, split in data.splits.items()}
         self.generator = torch.Generator().manual_seed(config.seed)
         self.screening: list[float] = []
+        # unconstrained MAP parameters (R, ...) of the candidates; empty for other families
+        self.stacked: dict[str, torch.Tensor] = {}
+        count = 1
         if isinstance(model, MapModel):
             if initial_parameters is None:
-                losses, (initial_parameters,) = screen_initializations(
+                losses, initial_parameters = screen_initializations(
                     model, self.splits["train"], config.screen, self.generator
                 )
                 self.screening = losses.tolist()
-            model.set_parameters(**initial_parameters)
+            starts = [initial_parameters] if isinstance(initial_parameters, dict) else initial_parameters
+            if len(starts) > 1 and model.network_parameters():
+                raise ValueError(f"{model.family}: restarts would share its network weights; train them one each")
+            self.stacked, count = self._stack(starts), len(starts)
+            self.learnable = [*self.stacked.values(), *model.network_parameters()]
         elif config.screen > 1 or initial_parameters is not None:
             raise ValueError(f"{model.family}: best-of-N screening needs a MAP family (HMMs, gmm)")
+        else:
+            self.learnable = list(model.parameters())
         self.optimizer = ClippedAdam(
-            model.parameters(),
+            self.learnable,
             lr=config.lr,
             betas=(config.beta1, config.beta2),
             clip_norm=config.clip_norm,
             lrd=config.lr_decay,
         )
-        self.elbo = Trace_ELBO()
-        self.history: list[EpochRecord] = []
-        self.best_valid, self.best_epoch = math.inf, 0
-        self.best_state = copy.deepcopy(model.state_dict())
+        self.candidates = [Candidate(best_state=self._state(index)) for index in range(count)]
+        self._load(0)
+
+    def _stack(self, starts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Leaf tensors ``(R, ...)`` of the starts' unconstrained values (checked and
+        transformed by ``set_parameters``)."""
+        rows = []
+        for start in starts:
+            self.model.set_parameters(**start)
+            rows.append({name: value.detach().clone() for name, value in self.model.unconstrained().items()})
+        return {name: torch.stack([row[name] for row in rows]).requires_grad_() for name in rows[0]}
+
+    def _load(self, index: int) -> None:
+        """Put candidate ``index``'s current parameters into ``model``."""
+        if not self.stacked:
+            return
+        with torch.no_grad():
+            for name, value in self.model.unconstrained().items():
+                value.copy_(self.stacked[name][index])
+
+    def _state(self, index: int) -> dict[str, torch.Tensor]:
+        """The model's state dict with candidate ``index``'s current parameters."""
+        self._load(index)
+        return copy.deepcopy(self.model.state_dict())
+
+    def _losses(self, x: torch.Tensor, lengths: torch.Tensor | None, scale: float, extra: dict) -> torch.Tensor:
+        """``(R,)`` the candidates' training losses on a minibatch."""
+        if self.stacked:
+            return self.model.training_loss_of(self.model.constrain(self.stacked), x, lengths, scale)
+        return self.model.training_loss(x, lengths, scale, **extra).unsqueeze(0)
+
+    def _log_likelihoods(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """``(R, N)`` log-likelihoods under every candidate."""
+        if self.stacked:
+            return self.model.log_likelihood_of(self.model.constrain(self.stacked), x, lengths)
+        return self.model.log_likelihood(x, lengths).unsqueeze(0)
 
     @property
     def epoch(self) -> int:
         """Epochs completed."""
-        return len(self.history)
+        return max(candidate.epoch for candidate in self.candidates)
 
     @property
     def done(self) -> bool:
-        patience = self.config.patience
-        out_of_patience = patience is not None and self.epoch - self.best_epoch >= patience
-        return self.epoch >= self.config.epochs or (self.epoch > 0 and out_of_patience)
+        return all(candidate.done(self.config) for candidate in self.candidates)
 
-    def run_epoch(self) -> EpochRecord:
-        """One pass over the shuffled training split, then the validation NLL per frame.
-        A non-finite loss raises ``FloatingPointError`` naming the epoch and batch."""
+    # The first candidate's record, the whole record of a single run.
+    history = property(lambda self: self.candidates[0].history)
+    best_valid = property(lambda self: self.candidates[0].best_valid)
+    best_epoch = property(lambda self: self.candidates[0].best_epoch)
+    best_state = property(lambda self: self.candidates[0].best_state)
+
+    def train_epoch(self) -> torch.Tensor:
+        """One pass over the shuffled training split, a ``ClippedAdam`` step per minibatch.
+        A non-finite loss raises ``FloatingPointError`` naming the epoch and batch.
+
+        :returns: ``(R,)`` every candidate's mean loss per frame (float64).
+        """
         model, train_split = self.model, self.splits["train"]
-        epoch = self.epoch + 1
-        started = time.perf_counter()
         extra = model.training_kwargs(self.epoch, self.config.epochs)
-        epoch_loss, num_batches = 0.0, 0
+        total, num_batches = 0.0, 0
         for batch, (x, lengths) in enumerate(batches(train_split, self.config.batch_size, self.generator)):
-            scale = train_split.x.shape[0] / x.shape[0]
-            # Data were checked at load and the loss is checked here: Pyro's per-site
-            # argument validation would only turn a diverging step into a less clear error.
-            with pyro.validation_enabled(False):
-                loss = self.elbo.differentiable_loss(model.model, model.guide, x, lengths, scale=scale, **extra)
-            if not torch.isfinite(loss):
+            losses = self._losses(x, lengths, train_split.x.shape[0] / x.shape[0], extra)
+            if not bool(torch.isfinite(losses).all()):
                 raise FloatingPointError(
-                    f"{model.family}: non-finite training loss ({loss.item()}) at epoch {epoch}, "
-                    f"batch {batch}; try a smaller lr"
+                    f"{model.family}: non-finite training loss ({losses.tolist()}) at epoch "
+                    f"{self.epoch + 1}, batch {batch}; try a smaller lr"
                 )
             self.optimizer.zero_grad()
-            loss.backward()
+            losses.sum().backward()
             self.optimizer.step()
-            epoch_loss += float(loss.detach())
-            num_batches += 1
-        valid_nll = evaluate_nll(model, self.splits["valid"])
-        record = EpochRecord(
-            epoch=epoch,
-            train_loss=epoch_loss / num_batches / num_frames(train_split),
-            valid_nll=valid_nll,
-            epoch_s=time.perf_counter() - started,
-        )
-        self.history.append(record)
-        if valid_nll < self.best_valid:
-            self.best_valid, self.best_epoch = valid_nll, epoch
-            self.best_state = copy.deepcopy(model.state_dict())
-        return record
+            total, num_batches = total + losses.detach().double(), num_batches + 1
+        return total / num_batches / num_frames(train_split)
 
-    def best_test_nll(self) -> float:
-        """Test NLL per frame of the parameters at the best validation epoch."""
+    def run_epoch(self) -> list[EpochRecord]:
+        """:meth:`train_epoch`, then the validation NLL per frame of every candidate.
+
+        :returns: the records of the candidates that were still training.
+        """
+        started = time.perf_counter()
+        train_loss = self.train_epoch()
+        valid_nll = split_nll(self._log_likelihoods, self.splits["valid"])
+        epoch_s = time.perf_counter() - started
+        records = []
+        for index, candidate in enumerate(self.candidates):
+            if candidate.done(self.config):
+                continue
+            record = EpochRecord(candidate.epoch + 1, float(train_loss[index]), float(valid_nll[index]), epoch_s)
+            candidate.history.append(record)
+            if record.valid_nll < candidate.best_valid:
+                candidate.best_valid, candidate.best_epoch = record.valid_nll, record.epoch
+                candidate.best_state = self._state(index)
+            records.append(record)
+        self._load(0)
+        return records
+
+    def best_test_nll(self, index: int = 0) -> float:
+        """Test NLL per frame of candidate ``index``'s parameters at its best epoch."""
         current = copy.deepcopy(self.model.state_dict())
-        self.model.load_state_dict(self.best_state)
+        self.model.load_state_dict(self.candidates[index].best_state)
         test_nll = evaluate_nll(self.model, self.splits["test"])
         self.model.load_state_dict(current)
         return test_nll
 
-    def result(self) -> TrainResult:
-        """Leave the model at its best epoch and summarise the run."""
-        self.model.load_state_dict(self.best_state)
+    def result(self, index: int = 0) -> TrainResult:
+        """Leave the model at candidate ``index``'s best epoch and summarise its run."""
+        candidate = self.candidates[index]
+        self.model.load_state_dict(candidate.best_state)
         return TrainResult(
-            history=list(self.history),
-            best_epoch=self.best_epoch,
-            best_valid_nll=self.best_valid,
+            history=list(candidate.history),
+            best_epoch=candidate.best_epoch,
+            best_valid_nll=candidate.best_valid,
             test_nll=evaluate_nll(self.model, self.splits["test"]),
             screening_losses=self.screening,
         )
@@ -276,21 +426,20 @@ class Trainer:
         Python values only, so it loads with ``torch.load(weights_only=True)``)."""
         return {
             "model": self.model.state_dict(),
+            "stacked": {name: value.detach() for name, value in self.stacked.items()},
             "optimizer": self.optimizer.state_dict(),
-            "history": [asdict(record) for record in self.history],
-            "best_valid": self.best_valid,
-            "best_epoch": self.best_epoch,
-            "best_state": self.best_state,
+            "candidates": [candidate.state_dict() for candidate in self.candidates],
             "generator": self.generator.get_state(),
             "screening": self.screening,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        with torch.no_grad():
+            for name, value in self.stacked.items():
+                value.copy_(state["stacked"][name])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.history = [EpochRecord(**record) for record in state["history"]]
-        self.best_valid, self.best_epoch = state["best_valid"], state["best_epoch"]
-        self.best_state = state["best_state"]
+        self.candidates = [Candidate.from_state_dict(candidate) for candidate in state["candidates"]]
         self.generator.set_state(state["generator"])
         self.screening = list(state["screening"])
 
@@ -308,7 +457,7 @@ def train(
     """
     trainer = Trainer(model, data, config)
     while not trainer.done:
-        record = trainer.run_epoch()
+        (record,) = trainer.run_epoch()
         if on_epoch is not None:
             on_epoch(record, model)
     return trainer.result()

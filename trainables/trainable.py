@@ -1,19 +1,24 @@
 """The Ray Tune function trainable: a thin adapter around :mod:`trainables.svi`.
 
 One trial builds the family's model from the trial's hyperparameters, screens
-``screen`` initialisations and trains the ``keep`` best side by side (one epoch each in
-turn), reports after every epoch the metrics of the candidate the training objective
-prefers, checkpoints every ``checkpoint_every`` epochs and at the end, and resumes from
-``tune.get_checkpoint()`` after a failure or an interrupted sweep.
+``screen`` initialisations and trains the ``keep`` best together as one batched model
+(one model each, an epoch each in turn, for a family with network weights), reports
+after every epoch the metrics of the candidate the training objective prefers (with
+``setup_s``, the seconds from the trial's start to its first SVI step, and
+``peak_rss_mb``, the worker's peak memory), checkpoints every ``checkpoint_every`` epochs
+and at the end, and resumes from ``tune.get_checkpoint()`` after a failure or an
+interrupted sweep.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import resource
 import signal
 import socket
 import tempfile
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,13 @@ from ray import tune
 
 from .data import Dataset
 from .models import FAMILIES, MapModel, build_model
-from .svi import Trainer, TrainConfig, save_checkpoint, screen_initializations
+from .svi import (
+    Candidate,
+    TrainConfig,
+    Trainer,
+    save_checkpoint,
+    screen_initializations,
+)
 
 TRIAL_STATE = "trial_state.pt"
 TRAIN_KEYS = frozenset(f.name for f in fields(TrainConfig)) - {"screen", "device", "threads"}
@@ -67,7 +78,7 @@ def trial_device(gpus: float) -> str:
     return "cuda"
 
 
-def _inject_fault(fault: dict[str, Any] | None, epoch: int, restored: bool, trainers: list[Trainer]) -> None:
+def _inject_fault(fault: dict[str, Any] | None, epoch: int, restored: bool, trainer: Trainer) -> None:
     """Test hook: fail on purpose at ``fault["epoch"]`` (``kill`` only before any restore)."""
     if not fault or fault["epoch"] != epoch:
         return
@@ -75,9 +86,8 @@ def _inject_fault(fault: dict[str, Any] | None, epoch: int, restored: bool, trai
         raise RuntimeError(f"injected fault at epoch {epoch}")
     if fault["kind"] == "nan":
         with torch.no_grad():
-            for trainer in trainers:
-                for parameter in trainer.model.parameters():
-                    parameter.fill_(math.nan)
+            for parameter in trainer.learnable:
+                parameter.fill_(math.nan)
     if fault["kind"] == "kill" and not restored:
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -86,6 +96,7 @@ class Trial:
     """The candidates of one trial and their reporting."""
 
     def __init__(self, config: dict[str, Any], setup: TrialSetup) -> None:
+        started = time.perf_counter()
         model_kwargs, train_kwargs = split_config(setup.family, config)
         resources = tune.get_context().get_trial_resources().required_resources
         self.config = TrainConfig(
@@ -96,25 +107,26 @@ class Trial:
         self.setup = setup
         self.fault = config.get(FAULT_KEY)
         self.screening: list[float] = []
-        data = setup.data
-        self.trainers = [
-            Trainer(
-                build_model(setup.family, data_dim=data.data_dim, **model_kwargs),
-                data,
-                self.config,
-                initial_parameters=start,
-            )
-            for start in self._starts(model_kwargs)
-        ]
+        self.trainers = self._trainers(model_kwargs)
+        # every candidate as (trainer, index in that trainer)
+        self.candidates = [(t, i) for t in self.trainers for i in range(len(t.candidates))]
         self.restored = self._restore()
         self._test_nll: tuple[tuple[int, int], float] | None = None
+        self.setup_s = time.perf_counter() - started
+        self.epoch_s = 0.0
 
-    def _starts(self, model_kwargs: dict[str, Any]) -> list[dict[str, torch.Tensor] | None]:
-        """Initial parameters of the ``keep`` candidates: the best of ``screen`` draws."""
+    def _trainers(self, model_kwargs: dict[str, Any]) -> list[Trainer]:
+        """One trainer for the ``keep`` best of ``screen`` draws, batched, or one per
+        candidate for a family with network weights."""
         setup = self.setup
-        model = build_model(setup.family, data_dim=setup.data.data_dim, **model_kwargs)
+
+        def trainer(starts: Any) -> Trainer:
+            model = build_model(setup.family, data_dim=setup.data.data_dim, **model_kwargs)
+            return Trainer(model, setup.data, self.config, initial_parameters=starts)
+
         if setup.screen == 1 and setup.keep == 1:
-            return [None]
+            return [trainer(None)]
+        model = build_model(setup.family, data_dim=setup.data.data_dim, **model_kwargs)
         if not isinstance(model, MapModel):
             raise ValueError(f"{setup.family}: restarts (best-of-N screening) need a MAP family")
         generator = torch.Generator().manual_seed(self.config.seed)
@@ -122,7 +134,7 @@ class Trial:
             model, setup.data.splits["train"], setup.screen, generator, keep=setup.keep
         )
         self.screening = [loss for loss in losses.tolist() if math.isfinite(loss)]
-        return starts
+        return [trainer(start) for start in starts] if model.network_parameters() else [trainer(starts)]
 
     def _restore(self) -> bool:
         checkpoint = tune.get_checkpoint()
@@ -138,28 +150,36 @@ class Trial:
     def epoch(self) -> int:
         return max(trainer.epoch for trainer in self.trainers)
 
+    def record(self, index: int) -> Candidate:
+        """Candidate ``index``'s record."""
+        trainer, local = self.candidates[index]
+        return trainer.candidates[local]
+
     def chosen(self) -> int:
         """Index of the candidate the training objective prefers (lowest last train loss)."""
-        return min(range(len(self.trainers)), key=lambda i: self.trainers[i].history[-1].train_loss)
+        return min(range(len(self.candidates)), key=lambda i: self.record(i).history[-1].train_loss)
 
     def test_nll(self, index: int) -> float:
         """Test NLL of candidate ``index`` at its best epoch (computed once per best)."""
-        key = (index, self.trainers[index].best_epoch)
+        trainer, local = self.candidates[index]
+        key = (index, self.record(index).best_epoch)
         if self._test_nll is None or self._test_nll[0] != key:
-            self._test_nll = (key, self.trainers[index].best_test_nll())
+            self._test_nll = (key, trainer.best_test_nll(local))
         return self._test_nll[1]
 
     def metrics(self) -> dict[str, Any]:
         index = self.chosen()
-        trainer = self.trainers[index]
-        last = trainer.history[-1]
+        candidate = self.record(index)
+        last = candidate.history[-1]
         metrics = {
             "epoch": self.epoch,
             "train_loss": last.train_loss,
             "valid_nll": last.valid_nll,
-            "epoch_s": sum(t.history[-1].epoch_s for t in self.trainers if t.epoch == self.epoch),
-            "best_valid_nll": trainer.best_valid,
-            "best_epoch": trainer.best_epoch,
+            "epoch_s": self.epoch_s,
+            "setup_s": self.setup_s,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "best_valid_nll": candidate.best_valid,
+            "best_epoch": candidate.best_epoch,
             "test_nll": self.test_nll(index),
             "candidate": index,
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -173,18 +193,21 @@ class Trial:
         """The state of every candidate, plus the chosen one's best model as a plain
         checkpoint (``model.pt``, ``config.json``) for artifacts and promotion."""
         torch.save([trainer.state_dict() for trainer in self.trainers], Path(directory) / TRIAL_STATE)
-        trainer = self.trainers[self.chosen()]
-        model = build_model(**trainer.model.config)
-        model.load_state_dict(trainer.best_state)
-        save_checkpoint(model, directory, best_epoch=trainer.best_epoch, valid_nll=trainer.best_valid)
+        index = self.chosen()
+        candidate = self.record(index)
+        model = build_model(**self.candidates[index][0].model.config)
+        model.load_state_dict(candidate.best_state)
+        save_checkpoint(model, directory, best_epoch=candidate.best_epoch, valid_nll=candidate.best_valid)
         return tune.Checkpoint.from_directory(directory)
 
     def run(self) -> None:
         while not all(trainer.done for trainer in self.trainers):
+            started = time.perf_counter()
             for trainer in self.trainers:
                 if not trainer.done:
-                    _inject_fault(self.fault, trainer.epoch + 1, self.restored, [trainer])
+                    _inject_fault(self.fault, trainer.epoch + 1, self.restored, trainer)
                     trainer.run_epoch()
+            self.epoch_s = time.perf_counter() - started
             finished = all(trainer.done for trainer in self.trainers)
             if finished or self.epoch % self.setup.checkpoint_every == 0:
                 with tempfile.TemporaryDirectory() as directory:
