@@ -156,8 +156,9 @@ def _fit(
                 # restored with the experiment on --resume
                 callbacks=[MLflowTrialLogger(uri, spec.name, state["parent_run_id"], fixed_params(spec), spec.data)],
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                # a few kept: the experiment state saved (every ~10 s) must still find its
-                # checkpoint when a fast trial has written several since
+                # 5 kept: Tune snapshots its state whenever a trial has written num_to_keep
+                # checkpoints since the last; with 2, fast trials snapshotted all the time
+                # and a resume once found its checkpoint already deleted
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=5),
             ),
         )
