@@ -75,6 +75,19 @@ def elbo_loss(model: DeepMarkovModel, x, lengths, **kwargs) -> torch.Tensor:
     return elbo.differentiable_loss(model.model, model.guide, x, lengths, **kwargs)
 
 
+def fit_steps(model: DeepMarkovModel, x, lengths, steps: int) -> list[float]:
+    """``steps`` full-batch ClippedAdam (lr 0.01) steps of Trace_ELBO; the loss of each."""
+    optimizer = ClippedAdam(model.parameters(), lr=0.01)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = elbo_loss(model, x, lengths)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def bound_per_frame(model: DeepMarkovModel, x, lengths, seed: int = 1) -> float:
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -99,14 +112,7 @@ def trained(data) -> dict:
     x, lengths = data
     model = make_model(num_particles=16)
     before = bound_per_frame(model, x, lengths)
-    optimizer = ClippedAdam(model.parameters(), lr=0.01)
-    losses = []
-    for _ in range(150):
-        optimizer.zero_grad()
-        loss = elbo_loss(model, x, lengths)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_steps(model, x, lengths, 150)
     return {
         "model": model,
         "before": before,
@@ -336,14 +342,7 @@ def test_rnn_dropout_acts_only_in_the_training_guide(data):
 def test_iaf_variant_trains_with_a_finite_loss(data):
     x, lengths = data
     model = make_model(num_iafs=2, iaf_dim=8)
-    optimizer = ClippedAdam(model.parameters(), lr=0.01)
-    losses = []
-    for _ in range(20):
-        optimizer.zero_grad()
-        loss = elbo_loss(model, x, lengths)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_steps(model, x, lengths, 20)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) < sum(losses[:5])
     assert torch.isfinite(torch.tensor(bound_per_frame(model, x, lengths)))
