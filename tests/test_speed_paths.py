@@ -4,7 +4,7 @@
   fall-back where probabilities leave the floating-point range);
 - the MAP families' direct training loss against Pyro's ``Trace_ELBO``;
 - restarts trained as one batched model against the same runs one after another, alone
-  and through the Tune trial (with Tune's hooks stubbed out).
+  (through a real Tune trial: tests/test_sweep.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from test_exact import FAMILIES, make_model
 
-from trainables import inference, trainable
+from trainables import inference
 from trainables.data import load_dataset
 from trainables.models import build_model
 from trainables.svi import TrainConfig, Trainer, screen_initializations
@@ -139,56 +139,6 @@ def test_restarts_batched_follow_the_runs_one_after_another():
         while not alone.done:
             alone.run_epoch()
         assert_same_run(candidate, alone)
-
-
-class FakeTune:
-    """The parts of ``ray.tune`` a trial calls, outside Ray: it keeps the reports."""
-
-    class Checkpoint:
-        @staticmethod
-        def from_directory(directory):
-            return directory
-
-    def __init__(self):
-        self.reports = []
-
-    def get_context(self):
-        resources = type("Resources", (), {"required_resources": {"CPU": 1}})
-        return type("Context", (), {"get_trial_resources": lambda _: resources})()
-
-    def get_checkpoint(self):
-        return None
-
-    def report(self, metrics, checkpoint=None):
-        self.reports.append(metrics)
-
-
-def test_a_trial_trains_its_kept_candidates_as_one_batched_model(monkeypatch):
-    data, config, _ = restart_setting()
-    fake = FakeTune()
-    monkeypatch.setattr(trainable, "tune", fake)
-    monkeypatch.setattr(trainable.ray, "get_runtime_context", lambda: type("C", (), {"get_node_id": lambda _: "n"})())
-    settings = {"epochs": config.epochs, "batch_size": config.batch_size, "patience": config.patience}
-    setup = trainable.TrialSetup("hmm", data, settings, screen=12, keep=4, checkpoint_every=100)
-    trial = trainable.Trial({"hidden_dim": 3, "lr": config.lr, "seed": config.seed}, setup)
-    assert len(trial.trainers) == 1 and len(trial.candidates) == 4
-    trial.run()
-    _, starts = screen_initializations(
-        build_model("hmm", data_dim=data.data_dim, hidden_dim=3), data.splits["train"], 12,
-        torch.Generator().manual_seed(config.seed), keep=4,
-    )
-    alone = []
-    for start in starts:
-        trainer = Trainer(build_model("hmm", data_dim=data.data_dim, hidden_dim=3), data, config, start)
-        while not trainer.done:
-            trainer.run_epoch()
-        alone.append(trainer)
-    for index, trainer in enumerate(alone):
-        assert_same_run(trial.record(index), trainer)
-    chosen = min(range(4), key=lambda i: alone[i].history[-1].train_loss)
-    last = fake.reports[-1]
-    assert last["candidate"] == chosen and last["setup_s"] > 0
-    assert last["best_valid_nll"] == pytest.approx(alone[chosen].best_valid, rel=1e-5)
 
 
 def test_restarts_of_a_family_with_network_weights_are_refused_as_one_model():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from pyarrow import fs
 from ray import tune
 
@@ -23,6 +24,10 @@ from cluster.sweep import run_sweep
 from cluster.sweep_file import load_sweep_file
 from cluster.tracking import PARENT_TAG, TRIAL_TAG
 from helpers import free_port, mlflow_runs, write_sweep
+from test_speed_paths import assert_same_run, restart_setting
+from trainables.models import build_model
+from trainables.svi import Candidate, Trainer, screen_initializations
+from trainables.trainable import TRIAL_STATE, TrialSetup, run_trial
 
 pytestmark = pytest.mark.slow
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
@@ -197,6 +202,39 @@ def test_driver_stopped_then_resume_finishes_the_same_sweep(tmp_path, ray_addres
     assert runs.returncode == 0, table
     for child in children:
         assert child.data.tags[TRIAL_TAG] in table
+
+
+def test_a_trial_trains_its_kept_candidates_as_one_batched_model(tmp_path, ray_address):
+    """A real Tune trial with ``restarts: {screen: 12, keep: 4}``: every candidate's run,
+    read back from the trial's checkpoint, equals its start trained alone."""
+    data, config, _ = restart_setting()
+    settings = {"epochs": config.epochs, "batch_size": config.batch_size, "patience": config.patience}
+    setup = TrialSetup("hmm", data, settings, screen=12, keep=4, checkpoint_every=100)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 1}),
+        param_space={"hidden_dim": 3, "lr": config.lr, "seed": config.seed},
+        run_config=tune.RunConfig(name="restarts", storage_path=str(tmp_path), verbose=0),
+    )
+    result = tuner.fit()[0]
+    with result.checkpoint.as_directory() as directory:
+        (state,) = torch.load(Path(directory) / TRIAL_STATE, weights_only=True)  # one batched trainer
+    candidates = [Candidate.from_state_dict(candidate) for candidate in state["candidates"]]
+    _, starts = screen_initializations(
+        build_model("hmm", data_dim=data.data_dim, hidden_dim=3), data.splits["train"], 12,
+        torch.Generator().manual_seed(config.seed), keep=4,
+    )  # fmt: skip
+    alone = []
+    for start in starts:
+        trainer = Trainer(build_model("hmm", data_dim=data.data_dim, hidden_dim=3), data, config, start)
+        while not trainer.done:
+            trainer.run_epoch()
+        alone.append(trainer)
+    assert len(candidates) == 4
+    for candidate, trainer in zip(candidates, alone):
+        assert_same_run(candidate, trainer)
+    chosen = min(range(4), key=lambda i: alone[i].history[-1].train_loss)
+    assert result.metrics["candidate"] == chosen and result.metrics["setup_s"] > 0
+    assert result.metrics["best_valid_nll"] == pytest.approx(alone[chosen].best_valid, rel=1e-5)
 
 
 def test_a_bad_sweep_file_is_refused_before_ray_starts(tmp_path):
