@@ -53,8 +53,8 @@ def write_text(storage: str, name: str, text: str) -> None:
 
 
 def remove(storage: str, name: str) -> None:
+    """Delete the directory ``{storage}/{name}`` with everything in it."""
     filesystem, root = _open(storage)
-    filesystem.delete_dir_contents(f"{root}/{name}", missing_dir_ok=True)
     filesystem.delete_dir(f"{root}/{name}")
 
 
