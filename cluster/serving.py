@@ -46,11 +46,6 @@ def pid_file(port: int) -> Path:
     return project_home() / f"serve-{port}.pid"
 
 
-def resolve_source(options: ServeOptions) -> dict[str, Any]:
-    """The deployment's ``user_config``: ``options.model`` pinned to a version."""
-    return pin_source(options.model, options.tracking_uri)
-
-
 def deployment(options: ServeOptions, user_config: dict[str, Any]):
     """The bound application for ``serve.run``."""
     scaling: dict[str, Any] = {"num_replicas": options.replicas}
@@ -66,7 +61,7 @@ def deployment(options: ServeOptions, user_config: dict[str, Any]):
 
 def swap(options: ServeOptions) -> dict[str, Any]:
     """Move the running deployment to what ``options.model`` resolves to now."""
-    user_config = resolve_source(options)
+    user_config = pin_source(options.model, options.tracking_uri)
     serve.run(deployment(options, user_config), name=APP_NAME, route_prefix="/")
     return user_config
 
@@ -75,7 +70,7 @@ def swap(options: ServeOptions) -> dict[str, Any]:
 def serving(options: ServeOptions) -> Iterator[dict[str, Any]]:
     """Serve ``options.model`` on the running Ray for the duration of the block; yields
     the deployment's ``user_config``; Serve is shut down after."""
-    user_config = resolve_source(options)
+    user_config = pin_source(options.model, options.tracking_uri)
     try:
         serve.start(proxy_location=options.proxy_location, http_options={"host": options.host, "port": options.port})
         serve.run(deployment(options, user_config), name=APP_NAME, route_prefix="/")
