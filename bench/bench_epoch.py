@@ -23,7 +23,8 @@ from pyro.optim import ClippedAdam
 from trainables.data import load_dataset
 from trainables.models import build_model
 from trainables.models.classic import classic_hmm_model
-from trainables.svi import TrainConfig, Trainer, batches, num_frames
+from trainables.settings import TrainConfig
+from trainables.svi import Trainer, batches, num_frames
 
 BATCH_SIZE, HIDDEN_DIM, LR = 20, 16, 0.05
 

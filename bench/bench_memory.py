@@ -27,7 +27,8 @@ def import_only() -> None:
 def train_directly() -> None:
     from trainables.data import load_dataset
     from trainables.models import build_model
-    from trainables.svi import TrainConfig, train
+    from trainables.settings import TrainConfig
+    from trainables.svi import train
 
     data = load_dataset("jsb")
     train(build_model("hmm", data_dim=88, hidden_dim=HIDDEN_DIM), data, TrainConfig(lr=0.05, **TRAIN))

@@ -18,7 +18,8 @@ from common import machine, setup_threads
 
 from trainables.data import load_dataset
 from trainables.models import build_model
-from trainables.svi import TrainConfig, Trainer, screen_initializations
+from trainables.settings import TrainConfig
+from trainables.svi import Trainer, screen_initializations
 
 R, HIDDEN_DIM, EPOCHS = 8, 16, 3
 CONFIG = TrainConfig(epochs=EPOCHS, batch_size=20, lr=0.05, patience=None)

@@ -52,7 +52,8 @@ def sweep(setup: TrialSetup, concurrent: int, storage: str) -> tuple[float, list
 def train_plainly(_: int) -> float:
     """One trial's training without Ray (a fresh process): seconds."""
     from trainables.models import build_model
-    from trainables.svi import TrainConfig, train
+    from trainables.settings import TrainConfig
+    from trainables.svi import train
 
     data = load_dataset("jsb")
     started = time.perf_counter()

@@ -1,7 +1,9 @@
-"""The PNG pictures logged to MLflow with every trial and sweep (DESIGN.md section 5).
+"""The PNG pictures logged to MLflow with every trial and sweep (docs/design.md, "MLflow
+layout").
 
 - :func:`loss_curve_png`: train loss and validation NLL per epoch;
-- :func:`model_picture_png`: what a trained model learned, by family;
+- :func:`model_picture_png`: what a trained model learned, drawn from the kinds its
+  family declares (``latent``, ``observation``), never from its name;
 - :func:`sweep_plot_png`: the sweep metric against every searched hyperparameter.
 
 Figures are built with matplotlib's object API on the Agg canvas (never ``pyplot``): no
@@ -32,7 +34,6 @@ from matplotlib.ticker import MaxNLocator
 
 from trainables.data import Split
 from trainables.models import SequenceModel
-from trainables.models.hmm_base import HMMFamily
 
 __all__ = ["loss_curve_png", "model_picture_png", "sweep_plot_png"]
 
@@ -134,31 +135,23 @@ def loss_curve_png(history: Sequence[dict[str, float]], path: PathLike) -> Path:
 
 # ---------------------------------------------------------------- model pictures
 def model_picture_png(model: SequenceModel, split: Split, path: PathLike) -> Path:
-    """A picture of what ``model`` learned, drawn on data from ``split``.
+    """A picture of what ``model`` learned, drawn on data from ``split``, by the kind of
+    its latent variables:
 
-    - HMM families: the transition matrix over the engine's state space ``(S, S)``
-      (left), and the first sequence of ``split`` with its Viterbi path (right).
-    - ``gmm``: the points ``(N, D)`` of ``split`` colored by MAP component, with every
-      component's mean and 2-sigma ellipse (a histogram with the weighted component
-      densities when ``D == 1``).
-    - ``dmm``: the first sequence of ``split`` and its posterior-mean latents ``(T, Z)``.
+    - ``states`` (HMM families): the transition matrix over the engine's state space
+      ``(S, S)`` (left), and the first sequence of ``split`` with its Viterbi path (right),
+      frames drawn as a piano roll (``binary``) or as values over time (``real``).
+    - ``components`` (mixtures): the points ``(N, D)`` of ``split`` colored by MAP
+      component, with every component's mean and 2-sigma ellipse (a histogram with the
+      weighted component densities when ``D == 1``).
+    - ``continuous`` (``dmm``): the first sequence of ``split`` and its decoded latent
+      path ``(T, Z)``.
 
     :param split: sequences ``x`` ``(N, T, D)`` with ``lengths`` ``(N,)``, or points
-        ``x`` ``(N, D)`` for ``gmm``.
-    :raises ValueError: for a family without a picture.
+        ``x`` ``(N, D)`` for mixtures.
     """
     with torch.no_grad():
-        if isinstance(model, HMMFamily):
-            fig = _hmm_figure(model, split)
-        elif model.family == "gmm":
-            fig = _gmm_figure(model, split.x)
-        elif model.family == "dmm":
-            fig = _dmm_figure(model, split)
-        else:
-            raise ValueError(
-                f"model_picture_png: no picture for model family {model.family!r}; "
-                "expected an HMM family, 'gmm' or 'dmm'"
-            )
+        fig = _FIGURES[model.latent](model, split)
     return _save(fig, path)
 
 
@@ -183,36 +176,17 @@ def _piano_roll(fig: Figure, ax: Axes, frames: np.ndarray, title: str) -> None:
     ax.tick_params(labelbottom=False)
 
 
-#: how the engine's product states read, for the families that run on pairs
-_PAIR_SPACES = {
-    "fhmm": "(w,x) states of the two chains",
-    "pfhmm": "(w,x) states of the two chains",
-    "hmm2": "(z[t-1],z[t]) state pairs",
-}
-
-
-def _state_labels(model: HMMFamily, num_states: int) -> list[str]:
-    """Names of the engine states: ``a,b`` for pair spaces (state ``a * side + b``),
-    the index otherwise."""
-    side = math.isqrt(num_states)
-    if model.family in _PAIR_SPACES and side * side == num_states:
-        return [f"{s // side},{s % side}" for s in range(num_states)]
-    return [str(s) for s in range(num_states)]
-
-
-def _transition_heatmap(fig: Figure, ax: Axes, model: HMMFamily) -> None:
+def _transition_heatmap(fig: Figure, ax: Axes, model: SequenceModel) -> None:
     """Heatmap of p(to | from) ``(S, S)`` over the engine's state space."""
-    _, log_trans = model.chain_factors(model.map_values())
-    trans = log_trans.exp().detach().cpu().numpy()
+    trans = model.transition_matrix().cpu().numpy()
     num_states = trans.shape[-1]
     image = ax.imshow(trans, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
     fig.colorbar(image, ax=ax, label="p(to | from)", shrink=0.8)
-    space = _PAIR_SPACES.get(model.family, "states")
-    ax.set_title(f"{model.family}: transition matrix\n{num_states} {space}")
+    ax.set_title(f"{model.family}: transition matrix\n{num_states} {model.state_space}")
     ax.set_xlabel("to state")
     ax.set_ylabel("from state")
     if num_states <= _MAX_LABELLED_STATES:
-        labels = _state_labels(model, num_states)
+        labels = model.state_labels()
         ax.set_xticks(range(num_states), labels, rotation=90 if num_states > 6 else 0)
         ax.set_yticks(range(num_states), labels)
         for (i, j), p in np.ndenumerate(trans):
@@ -220,9 +194,9 @@ def _transition_heatmap(fig: Figure, ax: Axes, model: HMMFamily) -> None:
                     color="black" if p > 0.6 else "white")
 
 
-def _hmm_figure(model: HMMFamily, split: Split) -> Figure:
+def _states_figure(model: SequenceModel, split: Split) -> Figure:
     x, lengths, length = _first_sequence(model, split)
-    states = model.decode(x, lengths)[0][0, :length].cpu().numpy()
+    states = model.decode(x, lengths).states[0, :length].cpu().numpy()
     frames = x[0, :length].cpu().numpy()
     fig = _figure(14.0, 5.6)
     grid = fig.add_gridspec(2, 2, width_ratios=[1.0, 1.7], height_ratios=[5, 1])
@@ -230,10 +204,10 @@ def _hmm_figure(model: HMMFamily, split: Split) -> Figure:
     top = fig.add_subplot(grid[0, 1])
     strip = fig.add_subplot(grid[1, 1], sharex=top)
     title = f"first sequence of the split ({length} frames) and its Viterbi path"
-    if model.family == "gaussian-hmm":
-        _gaussian_frames(fig, top, frames, states, model.hidden_dim, title)
-    else:
+    if model.observation == "binary":
         _piano_roll(fig, top, frames, title)
+    else:
+        _real_frames(fig, top, frames, states, model.hidden_dim, title)
     cmap, norm = _state_colors(model.hidden_dim)
     image = strip.imshow(states[None, :], aspect="auto", cmap=cmap, norm=norm,
                          interpolation="nearest", extent=(-0.5, length - 0.5, 0, 1))
@@ -255,7 +229,7 @@ def _label_runs(ax: Axes, states: np.ndarray) -> None:
                     fontsize=9, fontweight="bold", path_effects=_HALO)
 
 
-def _gaussian_frames(fig: Figure, ax: Axes, frames: np.ndarray, states: np.ndarray,
+def _real_frames(fig: Figure, ax: Axes, frames: np.ndarray, states: np.ndarray,
                      num_states: int, title: str) -> None:
     """The first one or two dimensions of ``frames`` ``(L, D)`` against time, every frame
     colored by its decoded state (``states`` ``(L,)``)."""
@@ -276,32 +250,28 @@ def _gaussian_frames(fig: Figure, ax: Axes, frames: np.ndarray, states: np.ndarr
     ax.tick_params(labelbottom=False)
 
 
-def _gmm_figure(model: SequenceModel, x: torch.Tensor) -> Figure:
+def _components_figure(model: SequenceModel, split: Split) -> Figure:
     """Points ``x`` ``(N, D)`` by MAP component, with the learned components."""
-    x = x.to(model.device)
-    assignment = model.decode(x)[0].cpu().numpy()
-    params = model.get_parameters()
-    weights = params["weights"].cpu().numpy()
-    locs = params["locs"].cpu().numpy()
-    scales = model.component_scales(params["scales"]).cpu().numpy()
+    x = split.x.to(model.device)
+    assignment = model.decode(x).states.cpu().numpy()
+    weights, locs, scales = (tensor.cpu().numpy() for tensor in model.components())
     points = x.cpu().numpy()
     fig = _figure(7.5, 6.0)
     ax = fig.add_subplot()
-    variance = model.hparams["variance"]
     if points.shape[1] == 1:
-        _gmm_histogram(ax, points[:, 0], assignment, weights, locs[:, 0], scales[:, 0])
+        _mixture_histogram(ax, points[:, 0], assignment, weights, locs[:, 0], scales[:, 0])
         shown = f"histogram of {len(points)} points stacked by MAP component"
     else:
-        _gmm_scatter(fig, ax, points, assignment, weights, locs, scales)
+        _mixture_scatter(fig, ax, points, assignment, weights, locs, scales)
         shown = f"{len(points)} points colored by MAP component; X: mean, ellipse: 2 sigma"
         if points.shape[1] > 2:
             shown += f"\n(first 2 of {points.shape[1]} dimensions)"
-    ax.set_title(f"gmm: {model.hidden_dim} components, variance '{variance}'\n{shown}")
+    ax.set_title(f"{model.family}: {model.hidden_dim} components\n{shown}")
     ax.grid(alpha=0.3)
     return fig
 
 
-def _gmm_scatter(fig: Figure, ax: Axes, points: np.ndarray, assignment: np.ndarray,
+def _mixture_scatter(fig: Figure, ax: Axes, points: np.ndarray, assignment: np.ndarray,
                  weights: np.ndarray, locs: np.ndarray, scales: np.ndarray) -> None:
     """Scatter of ``points`` ``(N, D >= 2)`` in dims 0 and 1, means ``locs`` ``(K, D)``
     marked and diagonal 2-sigma ellipses from ``scales`` ``(K, D)``."""
@@ -322,7 +292,7 @@ def _gmm_scatter(fig: Figure, ax: Axes, points: np.ndarray, assignment: np.ndarr
     ax.set_ylabel("dimension 1")
 
 
-def _gmm_histogram(ax: Axes, points: np.ndarray, assignment: np.ndarray, weights: np.ndarray,
+def _mixture_histogram(ax: Axes, points: np.ndarray, assignment: np.ndarray, weights: np.ndarray,
                    locs: np.ndarray, scales: np.ndarray) -> None:
     """Stacked density histogram of 1-D ``points`` ``(N,)`` by component, with each
     component's weighted density ``w_k Normal(loc_k, scale_k)`` over it."""
@@ -340,14 +310,14 @@ def _gmm_histogram(ax: Axes, points: np.ndarray, assignment: np.ndarray, weights
     ax.legend(loc="best", fontsize=8)
 
 
-def _dmm_figure(model: SequenceModel, split: Split) -> Figure:
+def _continuous_figure(model: SequenceModel, split: Split) -> Figure:
     x, lengths, length = _first_sequence(model, split)
-    latents = model.decode(x, lengths)[0][0, :length].cpu().numpy()
+    latents = model.decode(x, lengths).latents[0, :length].cpu().numpy()
     fig = _figure(12.0, 6.4)
     top = fig.add_subplot(2, 1, 1)
     bottom = fig.add_subplot(2, 1, 2, sharex=top)
     _piano_roll(fig, top, x[0, :length].cpu().numpy(),
-                f"dmm: first sequence of the split ({length} frames)")
+                f"{model.family}: first sequence of the split ({length} frames)")
     limit = float(np.abs(latents).max()) or 1.0
     image = bottom.imshow(latents.T, origin="lower", aspect="auto", cmap="RdBu_r",
                           vmin=-limit, vmax=limit, interpolation="nearest")
@@ -357,6 +327,10 @@ def _dmm_figure(model: SequenceModel, split: Split) -> Figure:
     bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
     bottom.set_xlabel("time (frame)")
     return fig
+
+
+#: the picture of each declared kind of latent variable
+_FIGURES = {"states": _states_figure, "components": _components_figure, "continuous": _continuous_figure}
 
 
 # ---------------------------------------------------------------- sweep summary

@@ -26,7 +26,7 @@ from cluster.sweep import run_sweep
 from cluster.sweep_file import load_sweep_file
 from helpers import free_port, get, mlflow_runs, post, tracking_server, write_sweep
 from trainables.models import build_model
-from trainables.svi import save_checkpoint
+from trainables.checkpoint import save_checkpoint
 
 BIN = Path(sys.executable).parent
 

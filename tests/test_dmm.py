@@ -14,7 +14,8 @@ from pyro.optim.clipped_adam import ClippedAdam
 from trainables.data import Dataset, Split
 from trainables.models import build_model
 from trainables.models.dmm import DeepMarkovModel, reverse_within_lengths
-from trainables.svi import TrainConfig, train
+from trainables.settings import TrainConfig
+from trainables.svi import train
 
 D, Z = 8, 4
 SMALL = {"emission_dim": 32, "transition_dim": 32, "rnn_dim": 32}

@@ -132,7 +132,7 @@ def test_viterbi_matches_enumeration(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_posterior_marginals_match_enumeration(family):
     model, x, lengths = make_model(family, seed=2)
-    marginals = model.posterior(x, lengths)
+    (marginals,) = model.posterior(x, lengths)
     num_reported = marginals.shape[-1]
     for n, length in enumerate(lengths.tolist()):
         paths = enumerate_paths(family, model, x[n, :length])

@@ -12,7 +12,7 @@ from matplotlib import image as mpimg
 
 from cluster.plots import loss_curve_png, model_picture_png, sweep_plot_png
 from trainables.data import Split, load_dataset, validate_split
-from trainables.models import MapModel, SequenceModel, build_model
+from trainables.models import FAMILIES, MapModel, SequenceModel, build_model, register_family
 
 
 def assert_png(path: Path) -> None:
@@ -101,13 +101,15 @@ def test_dmm_picture(tmp_path, piano_rolls):
     assert_png(model_picture_png(model, split, tmp_path / "dmm-8.png"))
 
 
-def test_unknown_family_is_refused(tmp_path, hmm_data):
+def test_a_family_without_its_declarations_is_refused():
+    """Pictures (and serving) dispatch on the declared kinds: a family must declare them."""
+
     class Other(SequenceModel):
         family = "other"
 
-    with pytest.raises(ValueError, match="'other'"):
-        model_picture_png(Other(8, 2), hmm_data, tmp_path / "other.png")
-    assert not (tmp_path / "other.png").exists()
+    with pytest.raises(TypeError, match="must declare observation, latent"):
+        register_family(Other)
+    assert "other" not in FAMILIES
 
 
 def test_pictures_from_threads(tmp_path, piano_rolls):

@@ -63,7 +63,7 @@ def test_gaussian_hmm_matches_hmmlearn():
     model, x, lengths, reference = gaussian_case()
     ours_ll = model.log_likelihood(x, lengths).detach()
     states, log_joint = model.decode(x, lengths)
-    marginals = model.posterior(x, lengths)
+    (marginals,) = model.posterior(x, lengths)
     for n, length in enumerate(lengths.tolist()):
         frames = x[n, :length].numpy()
         np.testing.assert_allclose(ours_ll[n].item(), reference.score(frames), rtol=1e-10)
@@ -91,7 +91,7 @@ def test_gmm_matches_closed_form_density(variance):
         -1,
     )
     np.testing.assert_allclose(model.log_likelihood(points).detach().numpy(), np.log(densities.sum(-1)), rtol=1e-10)
-    np.testing.assert_allclose(model.posterior(points).numpy(), densities / densities.sum(-1, keepdims=True), rtol=1e-9)
+    np.testing.assert_allclose(model.posterior(points).marginals.numpy(), densities / densities.sum(-1, keepdims=True), rtol=1e-9)
     assignment, log_joint = model.decode(points)
     np.testing.assert_array_equal(assignment.numpy(), densities.argmax(-1))
     np.testing.assert_allclose(log_joint.numpy(), np.log(densities.max(-1)), rtol=1e-10)

@@ -17,7 +17,8 @@ from test_exact import FAMILIES, make_model
 from trainables import inference
 from trainables.data import load_dataset
 from trainables.models import build_model
-from trainables.svi import TrainConfig, Trainer, screen_initializations
+from trainables.settings import TrainConfig
+from trainables.svi import Trainer, screen_initializations
 
 
 def random_factors(dtype, spread=1.0, batch=(2, 1)):

@@ -1,5 +1,4 @@
-"""The one SVI training loop for every family, best-of-N initialisation screening, and
-checkpoints.
+"""The one SVI training loop for every family, and best-of-N initialisation screening.
 
 ``train`` runs minibatch SVI (``Trace_ELBO``'s loss, computed directly for the MAP
 families, whose discrete states the engine sums out exactly) with ``ClippedAdam`` and a
@@ -12,59 +11,18 @@ model.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyro
 import torch
 
 from .data import Dataset, Split
-from .models import MapModel, SequenceModel, build_model
-
-CHECKPOINT_WEIGHTS = "model.pt"
-CHECKPOINT_CONFIG = "config.json"
-
-
-@dataclass
-class TrainConfig:
-    """Training settings; every field can be swept."""
-
-    epochs: int = 100
-    batch_size: int = 20
-    lr: float = 0.01
-    lr_decay: float = 1.0  # multiplies the learning rate after every step (ClippedAdam lrd)
-    clip_norm: float = 10.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    patience: int | None = 10  # epochs without a better valid NLL before stopping
-    seed: int = 0
-    screen: int = 1  # initialisations screened before training (best-of-N)
-    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
-    # CPU threads for torch. The engine's ops are small: more threads than cores (two
-    # trials, or another busy process) made an epoch 400x slower here, so default to one.
-    threads: int = 1
-
-    def __post_init__(self) -> None:
-        checks = {
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
-            "lr_decay": 0 < self.lr_decay <= 1,
-            "clip_norm": self.clip_norm > 0,
-            "patience": self.patience is None or self.patience >= 1,
-            "screen": self.screen >= 1,
-            "threads": self.threads >= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
-            raise ValueError(f"invalid training settings: {values}")
-
+from .models import MapModel, SequenceModel
+from .settings import TrainConfig
 
 @dataclass
 class EpochRecord:
@@ -462,23 +420,3 @@ def train(
             on_epoch(record, model)
     return trainer.result()
 
-
-def save_checkpoint(model: SequenceModel, directory: str | Path, **extra: Any) -> Path:
-    """Write ``model.pt`` (the state dict) and ``config.json`` (``model.config`` plus
-    ``extra``) into ``directory``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, directory / CHECKPOINT_WEIGHTS)
-    (directory / CHECKPOINT_CONFIG).write_text(json.dumps({"model": model.config, **extra}, indent=2))
-    return directory
-
-
-def load_checkpoint(directory: str | Path, device: str = "cpu") -> SequenceModel:
-    """Rebuild a model from ``save_checkpoint``'s files (weights loaded with
-    ``weights_only=True``: plain tensors only)."""
-    directory = Path(directory)
-    config = json.loads((directory / CHECKPOINT_CONFIG).read_text())["model"]
-    model = build_model(**config)
-    state = torch.load(directory / CHECKPOINT_WEIGHTS, map_location=device, weights_only=True)
-    model.load_state_dict(state)
-    return model.to(device)

@@ -19,7 +19,7 @@ import signal
 import socket
 import tempfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +27,12 @@ import ray
 import torch
 from ray import tune
 
+from .checkpoint import TRIAL_STATE, save_checkpoint
 from .data import Dataset
-from .models import FAMILIES, MapModel, build_model
-from .svi import (
-    Candidate,
-    TrainConfig,
-    Trainer,
-    save_checkpoint,
-    screen_initializations,
-)
+from .models import MapModel, build_model, family_class
+from .settings import TrainConfig, TrainSettings
+from .svi import Candidate, Trainer, screen_initializations
 
-TRIAL_STATE = "trial_state.pt"
-TRAIN_KEYS = frozenset(f.name for f in fields(TrainConfig)) - {"screen", "device", "threads"}
 FAULT_KEY = "_fault"  # test hook: {"kind": "raise" | "nan" | "kill", "epoch": E}
 
 
@@ -48,21 +42,24 @@ class TrialSetup:
 
     family: str
     data: Dataset
-    train: dict[str, Any]  # fixed TrainConfig fields
+    train: dict[str, Any]  # fixed TrainSettings fields
     screen: int = 1
     keep: int = 1
     checkpoint_every: int = 5
+    module: str | None = None  # the module that registers the family, imported in the worker
 
 
-def split_config(family: str, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_config(setup: TrialSetup, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a trial's hyperparameters into model keyword arguments (``hidden_dim`` and
-    the family's hyperparameters) and ``TrainConfig`` fields."""
-    model_keys = {"hidden_dim", *FAMILIES[family].hparam_names()}
-    unknown = sorted(set(config) - model_keys - TRAIN_KEYS - {FAULT_KEY})
+    the family's hyperparameters) and ``TrainSettings`` fields."""
+    family = setup.family
+    model_keys = set(family_class(family, setup.module).hyperparameters.model_fields)
+    train_keys = set(TrainSettings.model_fields)
+    unknown = sorted(set(config) - model_keys - train_keys - {FAULT_KEY})
     if unknown:
         raise ValueError(f"{family}: unknown trial hyperparameter(s) {unknown}")
     model_kwargs = {k: v for k, v in config.items() if k in model_keys}
-    train_kwargs = {k: v for k, v in config.items() if k in TRAIN_KEYS}
+    train_kwargs = {k: v for k, v in config.items() if k in train_keys}
     return model_kwargs, train_kwargs
 
 
@@ -97,7 +94,7 @@ class Trial:
 
     def __init__(self, config: dict[str, Any], setup: TrialSetup) -> None:
         started = time.perf_counter()
-        model_kwargs, train_kwargs = split_config(setup.family, config)
+        model_kwargs, train_kwargs = split_config(setup, config)
         resources = tune.get_context().get_trial_resources().required_resources
         self.config = TrainConfig(
             **{**setup.train, **train_kwargs},

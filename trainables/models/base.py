@@ -1,6 +1,8 @@
-"""The model contract shared by every family (DESIGN.md section 2).
+"""The model contract shared by every family (docs/design.md, "Model contract").
 
-``SequenceModel`` is what training, scoring, serving and the tests rely on. ``MapModel``
+``SequenceModel`` is what training, scoring, serving and the tests rely on; what a family
+declares about itself (kinds, hyperparameters) and the named results it returns are in
+:mod:`.contract`. ``MapModel``
 adds what the HMM families and the GMM share: parameters with priors, estimated MAP by an
 ``AutoDelta`` guide that the module owns, so the learnable tensors are the module's
 ``parameters()`` and a checkpoint is its ``state_dict()``.
@@ -8,7 +10,6 @@ adds what the HMM families and the GMM share: parameters with priors, estimated 
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, ClassVar
 
 import pyro
@@ -20,37 +21,47 @@ from pyro.infer.autoguide import AutoDelta
 from pyro.nn import PyroModule
 from torch.distributions import transform_to
 
+from .contract import (
+    DataKind,
+    GaussianPosterior,
+    Hyperparameters,
+    Latent,
+    LatentPath,
+    Marginals,
+    Observation,
+    Samples,
+    StatePath,
+)
+
 
 class SequenceModel(PyroModule):
-    """Base of every family: records its configuration and declares the contract.
+    """Base of every family: validates its hyperparameters against the family's
+    declaration and declares the contract.
 
     Sequence data is ``x`` ``(N, T, D)`` float with ``lengths`` ``(N,)`` int64; frames past a
     sequence's length are padding. Mixtures take points ``x`` ``(N, D)`` and no lengths.
+    ``self.hparams`` is the validated :class:`~.contract.Hyperparameters` instance.
     """
 
     family: ClassVar[str]
+    data_kind: ClassVar[DataKind] = "sequences"
+    observation: ClassVar[Observation]
+    latent: ClassVar[Latent]
     exact: ClassVar[bool] = True  # False where log_likelihood is a bound (DMM)
+    hyperparameters: ClassVar[type[Hyperparameters]] = Hyperparameters
 
     def __init__(self, data_dim: int, hidden_dim: int, **hparams: Any) -> None:
         super().__init__()
-        if data_dim < 1 or hidden_dim < 1:
-            raise ValueError(
-                f"{self.family}: data_dim and hidden_dim must be >= 1, "
-                f"got data_dim={data_dim}, hidden_dim={hidden_dim}"
-            )
+        if data_dim < 1:
+            raise ValueError(f"{self.family}: data_dim must be >= 1, got data_dim={data_dim}")
+        self.hparams = self.hyperparameters.build(self.family, {"hidden_dim": hidden_dim, **hparams})
         self.data_dim = int(data_dim)
-        self.hidden_dim = int(hidden_dim)
-        self.hparams = dict(hparams)
+        self.hidden_dim = self.hparams.hidden_dim
 
     @property
     def config(self) -> dict[str, Any]:
         """Everything ``build_model`` needs to rebuild this model (JSON-serialisable)."""
-        return {
-            "family": self.family,
-            "data_dim": self.data_dim,
-            "hidden_dim": self.hidden_dim,
-            **self.hparams,
-        }
+        return {"family": self.family, "data_dim": self.data_dim, **self.hparams.model_dump()}
 
     @property
     def device(self) -> torch.device:
@@ -59,13 +70,11 @@ class SequenceModel(PyroModule):
     @classmethod
     def hparam_names(cls) -> list[str]:
         """The keyword hyperparameters this family accepts besides data_dim and hidden_dim."""
-        names = []
-        for klass in cls.__mro__:
-            if "__init__" in vars(klass) and issubclass(klass, SequenceModel):
-                for name, p in inspect.signature(klass.__init__).parameters.items():
-                    if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in names:
-                        names.append(name)
-        return names
+        return cls.hyperparameters.names()
+
+    def get_parameters(self) -> dict[str, torch.Tensor]:
+        """The model's named parameters in their natural space (none by default)."""
+        return {}
 
     def training_kwargs(self, epoch: int, num_epochs: int) -> dict[str, Any]:
         """Extra keyword arguments for ``model`` and ``guide`` after ``epoch`` completed
@@ -99,13 +108,13 @@ class SequenceModel(PyroModule):
         """``(N, T)`` per-step increments log p(x_t | x_<t), zero at padding."""
         raise NotImplementedError
 
-    def decode(self, x: torch.Tensor, lengths: torch.Tensor | None = None):
+    def decode(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> StatePath | LatentPath:
         raise NotImplementedError
 
-    def posterior(self, x: torch.Tensor, lengths: torch.Tensor | None = None):
+    def posterior(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> Marginals | GaussianPosterior:
         raise NotImplementedError
 
-    def sample(self, num_sequences: int, length: int | None = None, seed: int = 0):
+    def sample(self, num_sequences: int, length: int | None = None, seed: int = 0) -> Samples:
         raise NotImplementedError
 
 

@@ -40,9 +40,11 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.distributions.transforms import AffineAutoregressive, affine_autoregressive
+from pydantic import Field
 from torch import nn
 
 from .base import SequenceModel
+from .contract import GaussianPosterior, Hyperparameters, LatentPath, Samples
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -143,6 +145,21 @@ def stack_masked(frames: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor
     return torch.where(mask[..., None], torch.stack(frames, dim=1), 0.0)
 
 
+class DMMHyperparameters(Hyperparameters):
+    """Network widths, the guide's options, the bound's particles and KL annealing."""
+
+    hidden_dim: int = Field(16, ge=1, description="latent dimensions")
+    emission_dim: int = Field(100, ge=1, description="hidden width of the emitter")
+    transition_dim: int = Field(200, ge=1, description="hidden width of the gated transition")
+    rnn_dim: int = Field(600, ge=1, description="width of the guide's backward RNN and combiner")
+    rnn_dropout_rate: float = Field(0.0, ge=0, lt=1, description="dropout on the guide's RNN states while training")
+    num_iafs: int = Field(0, ge=0, description="inverse autoregressive flows on q(z_t)")
+    iaf_dim: int = Field(50, ge=1, description="hidden width of each IAF")
+    num_particles: int = Field(8, ge=1, description="importance samples of the likelihood bound")
+    annealing_epochs: int = Field(0, ge=0, description="epochs of KL annealing (0: none)")
+    minimum_annealing_factor: float = Field(0.2, gt=0, le=1, description="KL weight at the first epoch")
+
+
 class DeepMarkovModel(SequenceModel):
     """Deep Markov Model over binary frames with ``Z = hidden_dim`` continuous latents.
 
@@ -159,58 +176,29 @@ class DeepMarkovModel(SequenceModel):
     """
 
     family = "dmm"
+    observation = "binary"
+    latent = "continuous"
     exact = False
+    hyperparameters = DMMHyperparameters
 
-    def __init__(
-        self,
-        data_dim: int,
-        hidden_dim: int,
-        *,
-        emission_dim: int = 100,
-        transition_dim: int = 200,
-        rnn_dim: int = 600,
-        rnn_dropout_rate: float = 0.0,
-        num_iafs: int = 0,
-        iaf_dim: int = 50,
-        num_particles: int = 8,
-        annealing_epochs: int = 0,
-        minimum_annealing_factor: float = 0.2,
-    ) -> None:
-        hparams: dict[str, Any] = {
-            "emission_dim": _at_least("emission_dim", emission_dim, 1),
-            "transition_dim": _at_least("transition_dim", transition_dim, 1),
-            "rnn_dim": _at_least("rnn_dim", rnn_dim, 1),
-            "rnn_dropout_rate": float(rnn_dropout_rate),
-            "num_iafs": _at_least("num_iafs", num_iafs, 0),
-            "iaf_dim": _at_least("iaf_dim", iaf_dim, 1),
-            "num_particles": _at_least("num_particles", num_particles, 1),
-            "annealing_epochs": _at_least("annealing_epochs", annealing_epochs, 0),
-            "minimum_annealing_factor": float(minimum_annealing_factor),
-        }
-        if not 0.0 <= hparams["rnn_dropout_rate"] < 1.0:
-            raise ValueError(f"dmm: rnn_dropout_rate must be in [0, 1), got {rnn_dropout_rate}")
-        if not 0.0 < hparams["minimum_annealing_factor"] <= 1.0:
-            raise ValueError(
-                "dmm: minimum_annealing_factor must be in (0, 1], "
-                f"got {minimum_annealing_factor}"
-            )
+    def __init__(self, data_dim: int, hidden_dim: int, **hparams: Any) -> None:
         super().__init__(data_dim, hidden_dim, **hparams)
-        self.rnn_dropout_rate = hparams["rnn_dropout_rate"]
-        self.num_particles = hparams["num_particles"]
-        self.annealing_epochs = hparams["annealing_epochs"]
-        self.minimum_annealing_factor = hparams["minimum_annealing_factor"]
+        h = self.hparams
+        self.rnn_dropout_rate = h.rnn_dropout_rate
+        self.num_particles = h.num_particles
+        self.annealing_epochs = h.annealing_epochs
+        self.minimum_annealing_factor = h.minimum_annealing_factor
 
-        latent_dim, rnn_dim = self.hidden_dim, hparams["rnn_dim"]
-        self.emitter = Emitter(self.data_dim, latent_dim, hparams["emission_dim"])
-        self.transition = GatedTransition(latent_dim, hparams["transition_dim"])
+        latent_dim, rnn_dim = self.hidden_dim, h.rnn_dim
+        self.emitter = Emitter(self.data_dim, latent_dim, h.emission_dim)
+        self.transition = GatedTransition(latent_dim, h.transition_dim)
         self.combiner = Combiner(latent_dim, rnn_dim)
         # tanh keeps the states bounded (see the module docstring: ReLU diverged to NaN)
         self.rnn = nn.RNN(
             input_size=self.data_dim, hidden_size=rnn_dim, nonlinearity="tanh", batch_first=True
         )
         self.iafs = nn.ModuleList(
-            affine_autoregressive(latent_dim, hidden_dims=[hparams["iaf_dim"]])
-            for _ in range(hparams["num_iafs"])
+            affine_autoregressive(latent_dim, hidden_dims=[h.iaf_dim]) for _ in range(h.num_iafs)
         )
         self.z_0 = nn.Parameter(torch.zeros(latent_dim))
         self.z_q_0 = nn.Parameter(torch.zeros(latent_dim))
@@ -422,9 +410,7 @@ class DeepMarkovModel(SequenceModel):
         z_prev = torch.cat([z_0, z[:, :-1]], dim=1)
         return torch.where(mask, self._step_log_joint(z_prev, z, x), 0.0).sum(-1)
 
-    def decode(
-        self, x: torch.Tensor, lengths: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> LatentPath:
         """Posterior-mean latent path and its joint log-density.
 
         Returns ``latents`` ``(N, T, Z)`` (zero at padding): at each step the guide's Gaussian
@@ -432,21 +418,17 @@ class DeepMarkovModel(SequenceModel):
         ``log_joint`` ``(N,)`` = log p(x, z=latents) under the model. Deterministic.
         """
         x, mask, latents, _, _ = self._mean_path(x, lengths)
-        return latents, self._log_joint(x, mask, latents)
+        return LatentPath(latents, self._log_joint(x, mask, latents))
 
-    def posterior(
-        self, x: torch.Tensor, lengths: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def posterior(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> GaussianPosterior:
         """The guide's per-step ``loc`` and ``scale`` ``(N, T, Z)`` along the mean path of
         :meth:`decode` (zero at padding). With IAFs these describe the Gaussian before the
         flows. Deterministic."""
         _, _, _, loc, scale = self._mean_path(x, lengths)
-        return loc, scale
+        return GaussianPosterior(loc, scale)
 
     @torch.no_grad()
-    def sample(
-        self, num_sequences: int, length: int, seed: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, num_sequences: int, length: int, seed: int = 0) -> Samples:
         """Ancestral samples: ``x`` ``(num_sequences, length, D)`` float 0/1 and ``latents``
         ``(num_sequences, length, Z)``, on the model's device, from a ``torch.Generator``
         seeded with ``seed`` (the same seed gives the same output)."""
@@ -463,11 +445,5 @@ class DeepMarkovModel(SequenceModel):
             z_prev = loc + scale * noise
             frames.append(torch.bernoulli(torch.sigmoid(self.emitter(z_prev)), generator=generator))
             latents.append(z_prev)
-        return torch.stack(frames, dim=1), torch.stack(latents, dim=1)
+        return Samples(torch.stack(frames, dim=1), torch.stack(latents, dim=1))
 
-
-def _at_least(name: str, value: int, minimum: int) -> int:
-    """``value`` as an int, or a ValueError naming the hyperparameter when below ``minimum``."""
-    if int(value) != value or value < minimum:
-        raise ValueError(f"dmm: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 from pyro import distributions as dist
 
 from ..inference import frame_mask
-from .hmm_base import HMMFamily
+from .hmm_base import ChainHyperparameters, HMMFamily
 from .parts import sticky_simplex, uniform_simplex
 
 
@@ -42,6 +43,13 @@ def gaussian_init(
     return points[chosen].clone(), scales.expand(num_states, -1).clone()
 
 
+class GaussianHMMHyperparameters(ChainHyperparameters):
+    """The chain priors and weak priors on the Gaussian emissions."""
+
+    prior_mean_scale: float = Field(10.0, gt=0, description="Normal(0, s) prior on every mean")
+    prior_log_scale: float = Field(2.0, gt=0, description="LogNormal(0, s) prior on every standard deviation")
+
+
 class GaussianHMM(HMMFamily):
     """Parameters ``initial`` ``(K,)``, ``transition`` ``(K, K)``, ``means`` ``(K, D)``,
     ``scales`` ``(K, D)`` (standard deviations). Priors: flat Dirichlet on ``initial``,
@@ -49,31 +57,16 @@ class GaussianHMM(HMMFamily):
     ``LogNormal(0, prior_log_scale)`` on scales (weak by default: scale your data)."""
 
     family = "gaussian-hmm"
-
-    def __init__(
-        self,
-        data_dim: int,
-        hidden_dim: int,
-        *,
-        prior_mean_scale: float = 10.0,
-        prior_log_scale: float = 2.0,
-        **hparams,
-    ) -> None:
-        super().__init__(
-            data_dim,
-            hidden_dim,
-            prior_mean_scale=prior_mean_scale,
-            prior_log_scale=prior_log_scale,
-            **hparams,
-        )
+    observation = "real"
+    hyperparameters = GaussianHMMHyperparameters
 
     def priors(self):
         K, D, h, zero = self.hidden_dim, self.data_dim, self.hparams, self._anchor
         return {
             "initial": self._initial_prior(K),
             "transition": self._transition_prior(K),
-            "means": dist.Normal(zero, h["prior_mean_scale"]).expand([K, D]).to_event(2),
-            "scales": dist.LogNormal(zero, h["prior_log_scale"]).expand([K, D]).to_event(2),
+            "means": dist.Normal(zero, h.prior_mean_scale).expand([K, D]).to_event(2),
+            "scales": dist.LogNormal(zero, h.prior_log_scale).expand([K, D]).to_event(2),
         }
 
     def init_parameters(self, x, lengths, generator):

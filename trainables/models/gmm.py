@@ -3,10 +3,14 @@ with the assignments summed out exactly (logsumexp over components)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from pyro import distributions as dist
 
 from .base import MapModel
+from .contract import Hyperparameters, Marginals, Samples, StatePath
 from .gaussian_hmm import gaussian_init, gaussian_log_probs
 from .parts import flat_dirichlet, safe_log
 
@@ -17,6 +21,17 @@ VARIANCES = {
     "dimension": lambda K, D: (D,),
     "component-dimension": lambda K, D: (K, D),
 }
+
+
+class GMMHyperparameters(Hyperparameters):
+    """The variance structure and the tutorial's priors."""
+
+    variance: Literal[tuple(VARIANCES)] = Field(
+        "component-dimension", description="what the standard deviations are shared over"
+    )
+    prior_weight: float = Field(0.5, gt=0, description="Dirichlet weight of the mixture weights")
+    prior_loc_scale: float = Field(4.0, gt=0, description="Normal(0, s) prior on every component mean")
+    prior_log_scale: float = Field(0.5, gt=0, description="LogNormal(0, s) prior on every standard deviation")
 
 
 class GaussianMixture(MapModel):
@@ -30,39 +45,22 @@ class GaussianMixture(MapModel):
     """
 
     family = "gmm"
-
-    def __init__(
-        self,
-        data_dim: int,
-        hidden_dim: int,
-        *,
-        variance: str = "component-dimension",
-        prior_weight: float = 0.5,
-        prior_loc_scale: float = 4.0,
-        prior_log_scale: float = 0.5,
-    ) -> None:
-        if variance not in VARIANCES:
-            raise ValueError(f"gmm: variance must be one of {sorted(VARIANCES)}, got {variance!r}")
-        super().__init__(
-            data_dim,
-            hidden_dim,
-            variance=variance,
-            prior_weight=prior_weight,
-            prior_loc_scale=prior_loc_scale,
-            prior_log_scale=prior_log_scale,
-        )
+    data_kind = "points"
+    observation = "real"
+    latent = "components"
+    hyperparameters = GMMHyperparameters
 
     @property
     def scale_shape(self) -> tuple[int, ...]:
-        return VARIANCES[self.hparams["variance"]](self.hidden_dim, self.data_dim)
+        return VARIANCES[self.hparams.variance](self.hidden_dim, self.data_dim)
 
     def priors(self):
         K, D, h, zero = self.hidden_dim, self.data_dim, self.hparams, self._anchor
         shape = self.scale_shape
         return {
-            "weights": flat_dirichlet((K,), h["prior_weight"], zero),
-            "locs": dist.Normal(zero, h["prior_loc_scale"]).expand([K, D]).to_event(2),
-            "scales": dist.LogNormal(zero, h["prior_log_scale"]).expand(shape).to_event(len(shape)),
+            "weights": flat_dirichlet((K,), h.prior_weight, zero),
+            "locs": dist.Normal(zero, h.prior_loc_scale).expand([K, D]).to_event(2),
+            "scales": dist.LogNormal(zero, h.prior_log_scale).expand(shape).to_event(len(shape)),
         }
 
     def init_parameters(self, x, lengths, generator):
@@ -77,13 +75,13 @@ class GaussianMixture(MapModel):
             "component": lambda s: s.mean(-1),
             "dimension": lambda s: s[0],
             "component-dimension": lambda s: s,
-        }[self.hparams["variance"]]
+        }[self.hparams.variance]
         return {"weights": torch.full((K,), 1.0 / K), "locs": locs, "scales": reduce(scales)}
 
     def component_scales(self, scales: torch.Tensor) -> torch.Tensor:
         """``scales`` of any variance structure (with leading batch dims) as ``(..., K, D)``."""
         K, D = self.hidden_dim, self.data_dim
-        variance = self.hparams["variance"]
+        variance = self.hparams.variance
         if variance == "global":
             scales = scales[..., None, None]
         elif variance == "component":
@@ -107,19 +105,25 @@ class GaussianMixture(MapModel):
         """``(N, 1)``: a mixture has one step per point."""
         return self.log_likelihood_of(self.map_values(), x).unsqueeze(-1)
 
+    def components(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mixture as ``weights`` ``(K,)``, ``locs`` ``(K, D)`` and per-dimension
+        standard deviations ``(K, D)`` (for pictures)."""
+        params = self.get_parameters()
+        return params["weights"], params["locs"], self.component_scales(params["scales"])
+
     @torch.no_grad()
-    def decode(self, x, lengths=None):
+    def decode(self, x, lengths=None) -> StatePath:
         """MAP assignment ``(N,)`` int64 and its joint log p(x_n, k*) ``(N,)``."""
         log_joint, assignment = self.joint_log_probs(self.map_values(), x).max(-1)
-        return assignment, log_joint
+        return StatePath(assignment, log_joint)
 
     @torch.no_grad()
-    def posterior(self, x, lengths=None):
+    def posterior(self, x, lengths=None) -> Marginals:
         """Responsibilities ``(N, K)``."""
-        return self.joint_log_probs(self.map_values(), x).softmax(-1)
+        return Marginals(self.joint_log_probs(self.map_values(), x).softmax(-1))
 
     @torch.no_grad()
-    def sample(self, num_sequences, length=None, seed=0):
+    def sample(self, num_sequences, length=None, seed=0) -> Samples:
         """``num_sequences`` points ``(N, D)`` and their components ``(N,)``; ``length``
         is ignored (a point has no time axis)."""
         if num_sequences < 1:
@@ -132,4 +136,4 @@ class GaussianMixture(MapModel):
         locs = params["locs"][assignment]
         scales = self.component_scales(params["scales"])[assignment]
         noise = torch.randn(locs.shape, generator=generator, device=locs.device)
-        return locs + scales * noise, assignment
+        return Samples(locs + scales * noise, assignment)

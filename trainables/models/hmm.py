@@ -22,9 +22,11 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from .hmm_base import HMMFamily
+from .contract import PerfectSquare
+from .hmm_base import ChainHyperparameters, HMMFamily
 from .parts import (
     bernoulli_init,
     bernoulli_log_probs,
@@ -35,29 +37,35 @@ from .parts import (
 )
 
 
+class BernoulliHyperparameters(ChainHyperparameters):
+    """The chain priors and a Beta prior on every emission probability."""
+
+    prior_emission_a: float = Field(0.1, gt=0, description="Beta(a, b) prior on emission probabilities: a")
+    prior_emission_b: float = Field(0.9, gt=0, description="Beta(a, b) prior on emission probabilities: b")
+
+
+class TwoChainHyperparameters(BernoulliHyperparameters):
+    """``hidden_dim`` is the size of the product space of two chains: a perfect square."""
+
+    hidden_dim: PerfectSquare = Field(16, description="states of the product space of two sqrt(K)-state chains")
+
+
+class NeuralHyperparameters(BernoulliHyperparameters):
+    """The emission network's widths besides the chain priors."""
+
+    nn_dim: int = Field(48, ge=1, description="hidden width of the emission network")
+    nn_channels: int = Field(2, ge=1, description="convolution channels of the emission network")
+
+
 class BernoulliChainHMM(HMMFamily):
     """Binary-frame families: ``Beta(prior_emission_a, prior_emission_b)`` on every
     emission probability, as in Pyro's ``examples/hmm.py``."""
 
-    def __init__(
-        self,
-        data_dim: int,
-        hidden_dim: int,
-        *,
-        prior_emission_a: float = 0.1,
-        prior_emission_b: float = 0.9,
-        **hparams,
-    ) -> None:
-        super().__init__(
-            data_dim,
-            hidden_dim,
-            prior_emission_a=prior_emission_a,
-            prior_emission_b=prior_emission_b,
-            **hparams,
-        )
+    observation = "binary"
+    hyperparameters = BernoulliHyperparameters
 
     def _emission_prior(self, *shape: int):
-        a, b = self.hparams["prior_emission_a"], self.hparams["prior_emission_b"]
+        a, b = self.hparams.prior_emission_a, self.hparams.prior_emission_b
         return beta_prior(shape, a, b, self._anchor)
 
     def sample_emissions(self, params, states, generator):
@@ -146,13 +154,12 @@ class AutoregressiveHMM(BernoulliHMM):
 class _TwoChainHMM(BernoulliChainHMM):
     """Two chains w and x of ``sqrt(K)`` states each, emitting given the pair."""
 
-    def __init__(self, data_dim: int, hidden_dim: int, **hparams) -> None:
-        if math.isqrt(hidden_dim) ** 2 != hidden_dim:
-            raise ValueError(
-                f"{self.family}: hidden_dim is the size of the product state space and must "
-                f"be a perfect square (4, 9, 16, ...), got {hidden_dim}"
-            )
-        super().__init__(data_dim, hidden_dim, **hparams)
+    hyperparameters = TwoChainHyperparameters
+    state_space = "(w,x) states of the two chains"
+
+    def state_labels(self):
+        C = self.chain_dim
+        return [f"{s // C},{s % C}" for s in range(C * C)]
 
     @property
     def chain_dim(self) -> int:
@@ -241,6 +248,7 @@ class SecondOrderHMM(BernoulliChainHMM):
     ``(K, K, K)`` indexed ``[z_{t-2}, z_{t-1}, z_t]``, ``emission_probs`` ``(K, D)``."""
 
     family = "hmm2"
+    state_space = "(z[t-1],z[t]) state pairs"
 
     def priors(self):
         K, D = self.hidden_dim, self.data_dim
@@ -276,6 +284,10 @@ class SecondOrderHMM(BernoulliChainHMM):
     def output_marginals(self, marginals):
         return marginals.unflatten(-1, (self.hidden_dim, self.hidden_dim)).sum(-2)
 
+    def state_labels(self):
+        K = self.hidden_dim
+        return [f"{s // K},{s % K}" for s in range(K * K)]
+
 
 class TonesGenerator(nn.Module):
     """Emission net of ``nnhmm``: logits of every key given the state and the previous
@@ -302,12 +314,11 @@ class NeuralHMM(BernoulliHMM):
     plain (maximum-likelihood) parameters of the module."""
 
     family = "nnhmm"
+    hyperparameters = NeuralHyperparameters
 
-    def __init__(
-        self, data_dim: int, hidden_dim: int, *, nn_dim: int = 48, nn_channels: int = 2, **hparams
-    ) -> None:
-        super().__init__(data_dim, hidden_dim, nn_dim=nn_dim, nn_channels=nn_channels, **hparams)
-        self.tones = TonesGenerator(data_dim, hidden_dim, nn_dim, nn_channels)
+    def __init__(self, data_dim: int, hidden_dim: int, **hparams) -> None:
+        super().__init__(data_dim, hidden_dim, **hparams)
+        self.tones = TonesGenerator(self.data_dim, self.hidden_dim, self.hparams.nn_dim, self.hparams.nn_channels)
 
     def priors(self):
         priors = super().priors()

@@ -8,11 +8,23 @@ decoding, posteriors and sampling all go through the same engine.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
+from pydantic import Field
 
 from .. import inference
 from .base import MapModel
+from .contract import Hyperparameters, Marginals, Samples, StatePath
 from .parts import flat_dirichlet, safe_log, sticky_dirichlet
+
+
+class ChainHyperparameters(Hyperparameters):
+    """The chain priors every HMM family shares."""
+
+    prior_sticky: float = Field(0.9, gt=0, description="extra Dirichlet weight on staying in a state")
+    prior_smooth: float = Field(0.1, gt=0, description="Dirichlet weight on every transition")
+    prior_initial: float = Field(1.0, gt=0, description="flat Dirichlet weight of initial distributions")
 
 
 class HMMFamily(MapModel):
@@ -21,37 +33,24 @@ class HMMFamily(MapModel):
     ``examples/hmm.py``) and a flat ``Dirichlet(prior_initial)`` on initial distributions.
     Subclasses implement ``chain_factors``,
     ``emission_log_probs`` and ``sample_emissions``; product-space families may override
-    ``output_states`` / ``output_marginals`` to report in the user's state space."""
+    ``output_states`` / ``output_marginals`` to report in the user's state space, and
+    ``state_labels`` / ``state_space`` to name the engine's states in pictures."""
 
-    def __init__(
-        self,
-        data_dim: int,
-        hidden_dim: int,
-        *,
-        prior_sticky: float = 0.9,
-        prior_smooth: float = 0.1,
-        prior_initial: float = 1.0,
-        **hparams,
-    ) -> None:
-        super().__init__(
-            data_dim,
-            hidden_dim,
-            prior_sticky=prior_sticky,
-            prior_smooth=prior_smooth,
-            prior_initial=prior_initial,
-            **hparams,
-        )
+    latent = "states"
+    hyperparameters = ChainHyperparameters
+    #: how the engine's states read in pictures
+    state_space: ClassVar[str] = "states"
 
     def _transition_prior(self, num_states: int, *batch: int):
         """Sticky Dirichlet on the rows of ``(*batch, K, K)`` transition probabilities."""
         prior = sticky_dirichlet(
-            num_states, self.hparams["prior_sticky"], self.hparams["prior_smooth"], self._anchor
+            num_states, self.hparams.prior_sticky, self.hparams.prior_smooth, self._anchor
         )
         return prior.expand_by(batch).to_event(len(batch)) if batch else prior
 
     def _initial_prior(self, *shape: int):
         """Flat ``Dirichlet(prior_initial)`` on initial distributions of ``shape``."""
-        return flat_dirichlet(shape, self.hparams["prior_initial"], self._anchor)
+        return flat_dirichlet(shape, self.hparams.prior_initial, self._anchor)
 
     # Hooks for the families. ``params`` may carry leading batch dims (...).
     def chain_factors(self, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,6 +76,15 @@ class HMMFamily(MapModel):
         """Engine marginals ``(N, T, S)`` as reported to users ``(N, T, K)``."""
         return marginals
 
+    def state_labels(self) -> list[str]:
+        """Names of the engine's ``S`` states (for pictures)."""
+        return [str(s) for s in range(self.transition_matrix().shape[-1])]
+
+    @torch.no_grad()
+    def transition_matrix(self) -> torch.Tensor:
+        """``(S, S)`` p(to | from) over the engine's state space."""
+        return self.chain_factors(self.map_values())[1].exp()
+
     # The contract, once for all families.
     def factors(
         self, params: dict[str, torch.Tensor], x: torch.Tensor, lengths: torch.Tensor
@@ -99,22 +107,20 @@ class HMMFamily(MapModel):
         return inference.log_likelihood_steps(*factors, lengths)
 
     @torch.no_grad()
-    def decode(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, x: torch.Tensor, lengths: torch.Tensor) -> StatePath:
         """Viterbi: ``states`` ``(N, T)`` int64 (-1 past length) and ``log_joint`` ``(N,)``,
         the joint log p(z*, x) of the best path."""
         states, log_joint = inference.viterbi(*self.factors(self.map_values(), x, lengths), lengths)
-        return self.output_states(states), log_joint
+        return StatePath(self.output_states(states), log_joint)
 
     @torch.no_grad()
-    def posterior(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def posterior(self, x: torch.Tensor, lengths: torch.Tensor) -> Marginals:
         """Smoothed marginals ``(N, T, K)`` (forward-backward), zero at padding."""
         factors = self.factors(self.map_values(), x, lengths)
-        return self.output_marginals(inference.posterior_marginals(*factors, lengths))
+        return Marginals(self.output_marginals(inference.posterior_marginals(*factors, lengths)))
 
     @torch.no_grad()
-    def sample(
-        self, num_sequences: int, length: int | None = None, seed: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, num_sequences: int, length: int | None = None, seed: int = 0) -> Samples:
         """Ancestral samples: ``x`` ``(num_sequences, length, D)`` and states
         ``(num_sequences, length)``; the same seed gives the same draws."""
         if length is None or length < 1 or num_sequences < 1:
@@ -127,4 +133,4 @@ class HMMFamily(MapModel):
         log_init, log_trans = self.chain_factors(params)
         states = inference.sample_states(log_init, log_trans, num_sequences, length, generator)
         x = self.sample_emissions(params, states, generator)
-        return x, self.output_states(states)
+        return Samples(x, self.output_states(states))
