@@ -15,7 +15,7 @@ from pyro.infer import Trace_ELBO
 from test_exact import FAMILIES, make_model
 
 from trainables import inference
-from trainables.data import load_dataset
+from trainables.data import Dataset, Split, load_dataset
 from trainables.models import build_model
 from trainables.settings import TrainConfig
 from trainables.svi import Trainer, screen_initializations
@@ -118,28 +118,48 @@ def restart_setting(family="hmm"):
     return data, config, starts
 
 
-def assert_same_run(candidate, alone):
+#: Float32 runs of ``restart_setting`` (40 ClippedAdam steps at lr 0.1): a batched GEMM
+#: rounds differently from R single ones (one ulp, 2**-24 relative, per product), and
+#: Adam's normalised steps carry such differences along. Measured here: losses 2e-7
+#: relative, unconstrained parameters 1.5e-5 absolute; the bounds below leave 50x and
+#: 13x. Exactness itself is checked in float64 (1e-9).
+FLOAT32_LOSSES, FLOAT32_PARAMETERS = 1e-5, 2e-4
+
+
+def assert_same_run(candidate, alone, losses=FLOAT32_LOSSES, parameters=FLOAT32_PARAMETERS):
     assert [r.epoch for r in candidate.history] == [r.epoch for r in alone.history]
     for ours, theirs in zip(candidate.history, alone.history):
-        assert ours.train_loss == pytest.approx(theirs.train_loss, rel=1e-5)
-        assert ours.valid_nll == pytest.approx(theirs.valid_nll, rel=1e-5)
+        assert ours.train_loss == pytest.approx(theirs.train_loss, rel=losses)
+        assert ours.valid_nll == pytest.approx(theirs.valid_nll, rel=losses)
     assert candidate.best_epoch == alone.best_epoch
     for name, value in candidate.best_state.items():
-        torch.testing.assert_close(value, alone.best_state[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(value, alone.best_state[name], rtol=parameters, atol=parameters)
+
+
+def in_float64(data: Dataset) -> Dataset:
+    splits = {name: Split(split.x.double(), split.lengths) for name, split in data.splits.items()}
+    return Dataset(data.name, splits, data.data_dim)
 
 
 def test_restarts_batched_follow_the_runs_one_after_another():
+    """In float64 the batched candidates and the runs alone agree to rounding (1e-9)."""
     data, config, starts = restart_setting()
-    batched = Trainer(build_model("hmm", data_dim=data.data_dim, hidden_dim=3), data, config, starts)
+    data = in_float64(data)
+    starts = [{name: value.double() for name, value in start.items()} for start in starts]
+
+    def trainer(initial):
+        return Trainer(build_model("hmm", data_dim=data.data_dim, hidden_dim=3).double(), data, config, initial)
+
+    batched = trainer(starts)
     while not batched.done:
         batched.run_epoch()
     epochs = {candidate.epoch for candidate in batched.candidates}
     assert len(epochs) > 1, "the setting should stop candidates early at different epochs"
     for candidate, start in zip(batched.candidates, starts):
-        alone = Trainer(build_model("hmm", data_dim=data.data_dim, hidden_dim=3), data, config, start)
+        alone = trainer(start)
         while not alone.done:
             alone.run_epoch()
-        assert_same_run(candidate, alone)
+        assert_same_run(candidate, alone, losses=1e-9, parameters=1e-9)
 
 
 def test_restarts_of_a_family_with_network_weights_are_refused_as_one_model():

@@ -1,4 +1,4 @@
-"""Data sets by name or path (DESIGN.md section 3).
+"""Data sets by name or path (docs/design.md, "Layout").
 
 ``load_dataset(name="jsb")``, ``load_dataset(name="synthetic-hmm", seed=1)`` or
 ``load_dataset(path="my.npz")`` returns a :class:`Dataset` whose splits ``train``,

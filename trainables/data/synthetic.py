@@ -10,15 +10,12 @@ Sequences have ragged lengths, uniform between ``length // 2`` and ``length``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .base import DataError, Dataset, SPLITS, Split, validate_split
 
-FAMILY_OF = {
-    "synthetic-hmm": "hmm",
-    "synthetic-gaussian-hmm": "gaussian-hmm",
-    "synthetic-gmm": "gmm",
-}
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 
 
@@ -28,26 +25,40 @@ def _sticky_transition(num_states: int, generator: torch.Generator) -> torch.Ten
     return 0.8 * torch.eye(num_states) + 0.2 * moves / moves.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
-def true_parameters(family: str, data_dim: int, hidden_dim: int, generator: torch.Generator):
-    """Well-separated true parameters of ``family`` for ``hidden_dim`` states/components."""
-    K, D = hidden_dim, data_dim
-    if family == "gmm":
-        return {
-            "weights": torch.full((K,), 1.0 / K),
-            "locs": 4.0 * torch.randn((K, D), generator=generator),
-            "scales": 0.5 + 0.5 * torch.rand((K, D), generator=generator),
-        }
-    chain = {
+def _chain(K: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {
         "initial": torch.full((K,), 1.0 / K),
         "transition": _sticky_transition(K, generator) if K > 1 else torch.ones(1, 1),
     }
-    if family == "hmm":
-        return {**chain, "emission_probs": 0.05 + 0.9 * torch.rand((K, D), generator=generator)}
+
+
+def _bernoulli_hmm(K: int, D: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {**_chain(K, generator), "emission_probs": 0.05 + 0.9 * torch.rand((K, D), generator=generator)}
+
+
+def _gaussian_hmm(K: int, D: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     return {
-        **chain,
+        **_chain(K, generator),
         "means": 3.0 * torch.randn((K, D), generator=generator),
         "scales": 0.5 + 0.5 * torch.rand((K, D), generator=generator),
     }
+
+
+def _gmm(K: int, D: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {
+        "weights": torch.full((K,), 1.0 / K),
+        "locs": 4.0 * torch.randn((K, D), generator=generator),
+        "scales": 0.5 + 0.5 * torch.rand((K, D), generator=generator),
+    }
+
+
+#: data set -> (family it is sampled from, default data_dim, its well-separated true
+#: parameters for K states or components and D values)
+SYNTHETIC: dict[str, tuple[str, int, Callable[[int, int, torch.Generator], dict[str, torch.Tensor]]]] = {
+    "synthetic-hmm": ("hmm", 8, _bernoulli_hmm),
+    "synthetic-gaussian-hmm": ("gaussian-hmm", 2, _gaussian_hmm),
+    "synthetic-gmm": ("gmm", 2, _gmm),
+}
 
 
 def _split_counts(total: int, name: str) -> list[int]:
@@ -71,15 +82,15 @@ def load_synthetic(
     ``synthetic-hmm``, 2 otherwise), ``hidden_dim`` states or components."""
     from ..models import build_model
 
-    if name not in FAMILY_OF:
-        raise DataError(f"unknown synthetic data set {name!r}; expected one of {sorted(FAMILY_OF)}")
-    family = FAMILY_OF[name]
-    data_dim = data_dim if data_dim is not None else (8 if family == "hmm" else 2)
+    if name not in SYNTHETIC:
+        raise DataError(f"unknown synthetic data set {name!r}; expected one of {sorted(SYNTHETIC)}")
+    family, default_dim, true_parameters = SYNTHETIC[name]
+    data_dim = data_dim if data_dim is not None else default_dim
     if length < 2 or hidden_dim < 1 or data_dim < 1:
         raise DataError(f"{name}: need length >= 2, hidden_dim >= 1, data_dim >= 1")
     counts = _split_counts(num_sequences, name)
     generator = torch.Generator().manual_seed(seed)
-    truth = true_parameters(family, data_dim, hidden_dim, generator)
+    truth = true_parameters(hidden_dim, data_dim, generator)
     model = build_model(family, data_dim=data_dim, hidden_dim=hidden_dim)
     model.set_parameters(**truth)
     x, _ = model.sample(num_sequences, length, seed=seed)
@@ -88,7 +99,7 @@ def load_synthetic(
     for split, count in zip(SPLITS, counts):
         part = x[start : start + count]
         lengths = None
-        if family != "gmm":
+        if model.data_kind == "sequences":
             lengths = torch.randint(length // 2, length + 1, (count,), generator=generator)
         splits[split] = validate_split(part, lengths, name, split)
         start += count
