@@ -1,4 +1,4 @@
-"""Promotion (DESIGN.md section 5): the best trial of a sweep becomes a new version of a
+"""Promotion (docs/design.md, "MLflow layout"): the best trial of a sweep becomes a new version of a
 registered MLflow model, and an alias (``champion``) moves to it.
 
 The version is a pyfunc "model from code" (``serve/pyfunc_model.py``) logged in the
@@ -18,13 +18,10 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
-import json
 import logging
-import math
 import os
 import re
 import tempfile
-from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -71,72 +68,9 @@ def check_alias(alias: str) -> None:
         )
 
 
-def _experiment_id(client: MlflowClient, experiment: str) -> str:
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        known = sorted(e.name for e in client.search_experiments())
-        raise ValueError(
-            f"no experiment named {experiment!r} at {client.tracking_uri} (the experiment is the "
-            f"sweep's name); experiments there: {', '.join(known) or 'none'}"
-        )
-    return found.experiment_id
-
-
-def _sweep_run(client: MlflowClient, experiment_id: str, experiment: str, sweep: str | None) -> Run:
-    """The parent run ``sweep``, checked to be a sweep of the experiment, or the latest one."""
-    from mlflow.exceptions import MlflowException
-
-    from .tracking import SWEEP_TAG
-
-    if sweep is None:
-        latest = client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{SWEEP_TAG}` = 'parent'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if not latest:
-            raise ValueError(f"experiment {experiment!r} has no sweep yet: run pyrosweep sweep first")
-        return latest[0]
-    try:
-        run = client.get_run(sweep)
-    except MlflowException as error:
-        raise ValueError(f"no run {sweep!r} at {client.tracking_uri}: {error.message}") from None
-    if run.info.experiment_id != experiment_id or run.data.tags.get(SWEEP_TAG) != "parent":
-        raise ValueError(
-            f"run {sweep} is not a sweep of experiment {experiment!r}; give the parent run id "
-            f"that pyrosweep runs --experiment {experiment} prints"
-        )
-    return run
-
-
-def _best_trial(client: MlflowClient, sweep: Run, metric: str) -> tuple[Run, float]:
-    """The FINISHED child of ``sweep`` with the lowest finite ``metric``, and that value."""
-    from .tracking import PARENT_TAG
-
-    children = client.search_runs(
-        [sweep.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{sweep.info.run_id}'", max_results=5000
-    )
-    scored = [
-        (run.data.metrics[metric], run)
-        for run in children
-        if run.info.status == "FINISHED" and math.isfinite(run.data.metrics.get(metric, math.nan))
-    ]
-    if not scored:
-        statuses = Counter(run.info.status for run in children)
-        seen = sorted({name for run in children for name in run.data.metrics})
-        raise ValueError(
-            f"sweep {sweep.info.run_name} ({sweep.info.run_id}) has no FINISHED trial with a finite "
-            f"{metric} (trials: {', '.join(f'{n} {s}' for s, n in sorted(statuses.items())) or 'none'}; "
-            f"metrics logged: {', '.join(seen) or 'none'})"
-        )
-    value, best = min(scored, key=lambda pair: pair[0])
-    return best, value
-
-
 def _download_checkpoint(client: MlflowClient, run: Run, directory: str) -> str:
-    from serve.registry import CHECKPOINT_ARTIFACT
-    from trainables.svi import CHECKPOINT_WEIGHTS
+    from trainables.checkpoint import ARTIFACT as CHECKPOINT_ARTIFACT
+    from trainables.checkpoint import WEIGHTS as CHECKPOINT_WEIGHTS
 
     listed = {artifact.path for artifact in client.list_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT)}
     if f"{CHECKPOINT_ARTIFACT}/{CHECKPOINT_WEIGHTS}" not in listed:
@@ -148,15 +82,16 @@ def _download_checkpoint(client: MlflowClient, run: Run, directory: str) -> str:
     return client.download_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT, directory)
 
 
-def example_body(model: SequenceModel, trial: Run) -> dict[str, Any]:
-    """A request body of one real test sequence (one point for ``gmm``) from the trial's
-    data set, or of one sequence sampled from the model where the data cannot be loaded."""
-    from serve.scoring import answer, body_key
+def example_body(model: SequenceModel, data: dict[str, Any]) -> dict[str, Any]:
+    """A request body of one real test sequence (one point for a model of points) from the
+    data set ``data`` (the sweep spec's), or of one sequence sampled from the model where
+    the data cannot be loaded."""
+    from serve.scoring import answer
     from trainables.data import load_dataset
 
-    key = body_key(model)
+    key = model.data_kind
     try:
-        test = load_dataset(**json.loads(trial.data.params["data"])).splits["test"]
+        test = load_dataset(**data).splits["test"]
     except (KeyError, ValueError, OSError) as error:
         logger.warning("input example sampled from the model: the trial's data did not load (%s)", error)
         return {key: answer(model, "sample", {"num_sequences": 1, "length": 16, "seed": 0})["sequences"]}
@@ -181,15 +116,14 @@ def _fluent_tracking(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = environment
 
 
-def _log_pyfunc(trial: Run, checkpoint: str, name: str) -> ModelInfo:
+def _log_pyfunc(trial: Run, checkpoint: str, name: str, data: dict[str, Any]) -> ModelInfo:
     """Log the pyfunc into the trial's run (reopened, and FINISHED again after) through
-    the fluent API."""
+    the fluent API, with an input example from the data set ``data``."""
     import mlflow
 
     from serve.pyfunc_model import DEFAULT_METHOD, signature
-    from serve.registry import CHECKPOINT_ARTIFACT
-    from serve.scoring import body_key
-    from trainables.svi import load_checkpoint
+    from trainables.checkpoint import ARTIFACT as CHECKPOINT_ARTIFACT
+    from trainables.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint)
     mlflow.start_run(run_id=trial.info.run_id)
@@ -200,8 +134,8 @@ def _log_pyfunc(trial: Run, checkpoint: str, name: str) -> ModelInfo:
             artifacts={CHECKPOINT_ARTIFACT: checkpoint},
             code_paths=[str(_source(package).parent) for package in ("trainables", "serve")],
             pip_requirements=pip_requirements(),
-            signature=signature(body_key(model)),
-            input_example=(example_body(model, trial), {"method": DEFAULT_METHOD}),
+            signature=signature(model.data_kind),
+            input_example=(example_body(model, data), {"method": DEFAULT_METHOD}),
         )
     finally:
         mlflow.end_run("FINISHED")
@@ -247,13 +181,15 @@ def promote(
         ``sweep_run_id``, ``metric``, ``value`` and ``previous_version`` (where the alias
         pointed before, or None).
     """
-    from mlflow.tracking import MlflowClient
+    from .mlflow_layout import SweepTracker
 
     check_alias(alias)
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    sweep_run = _sweep_run(client, _experiment_id(client, experiment), experiment, sweep)
+    tracker = SweepTracker(tracking_uri, experiment, create=False)
+    client = tracker.client
+    sweep_run = tracker.sweep_run(sweep)
     child_metric = CHILD_METRICS.get(metric, metric)
-    trial, value = _best_trial(client, sweep_run, child_metric)
+    trial, value = tracker.best_child(sweep_run, child_metric)
+    data = tracker.sweep_spec(sweep_run.info.run_id)["data"]
     name = name or experiment
     previous = _alias_target(client, name, alias)
     lineage = {
@@ -265,7 +201,7 @@ def promote(
     }
     # the SQL registry looks the logged model up through the fluent tracking URI
     with tempfile.TemporaryDirectory() as scratch, _fluent_tracking(tracking_uri):
-        info = _log_pyfunc(trial, _download_checkpoint(client, trial, scratch), name)
+        info = _log_pyfunc(trial, _download_checkpoint(client, trial, scratch), name, data)
         _ensure_registered(client, name)
         version = client.create_model_version(
             name, info.model_uri, run_id=trial.info.run_id, tags=lineage, model_id=info.model_id

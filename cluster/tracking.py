@@ -1,124 +1,41 @@
-"""MLflow layout of a sweep (DESIGN.md section 5), written from the driver only.
+"""MLflow tracking of a running sweep, from the driver only, into the layout of
+:mod:`cluster.mlflow_layout` (whose tag names and :class:`SweepTracker` are imported from
+here too).
 
-One experiment per sweep name; one parent run per sweep; one child run per trial
-(tag ``mlflow.parentRunId``) that keeps its run across retries and resumes (found again
-by its ``ray.trial_id`` tag). A ``tune.Callback`` does all the logging in the driver, so
-the embedded SQLite store has a single writer and a trial that is stopped or killed can
-never leave its run RUNNING: the driver ends it FINISHED or FAILED with the error.
+A ``tune.Callback`` does all the logging in the driver, so the embedded SQLite store has a
+single writer and a trial that is stopped or killed can never leave its run RUNNING: the
+driver ends it FINISHED or FAILED with the error. :func:`finish_parent` and
+:func:`interrupt_parent` end a sweep's runs.
 """
 
 from __future__ import annotations
 
 import csv
-import math
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
+from mlflow.entities import Metric, RunTag
 from ray import tune
 
 from trainables.data import Dataset, load_dataset
-from trainables.svi import load_checkpoint
+from trainables.checkpoint import load_checkpoint
 
-from .home import artifact_location
+from .mlflow_layout import INTERRUPTED_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG, SweepTracker, is_scored
 from .plots import loss_curve_png, model_picture_png, sweep_plot_png
 
-PARENT_TAG = "mlflow.parentRunId"
-TRIAL_TAG = "ray.trial_id"
-SWEEP_TAG = "pyrosweep.sweep"
+__all__ = [
+    "PARENT_TAG", "SWEEP_TAG", "TRIAL_TAG", "SweepTracker",  # the layout's, for callers that know them from here
+    "MLflowTrialLogger", "finish_parent", "interrupt_parent", "write_leaderboard_csv",
+]  # fmt: skip
+
 EPOCH_METRICS = (
     "train_loss", "valid_nll", "epoch_s", "best_valid_nll", "test_nll", "screen_best", "screen_worst",
     "setup_s",  # trial start to its first SVI step
     "peak_rss_mb",  # the peak of the worker process (of every trial it ran: Tune reuses workers)
 )  # fmt: skip
 ERROR_TAG_LIMIT = 5000
-INTERRUPTED_TAG = "pyrosweep.interrupted"
-
-
-class SweepTracker:
-    """MLflow operations on one experiment: the parent run, its children, the leaderboard."""
-
-    def __init__(self, tracking_uri: str, experiment: str) -> None:
-        self.client = MlflowClient(tracking_uri)
-        self.uri = tracking_uri
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (
-            found.experiment_id
-            if found is not None
-            else self.client.create_experiment(experiment, artifact_location(tracking_uri, experiment))
-        )
-
-    def start_parent(self, run_name: str, params: dict[str, Any], sweep_file: Path) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={SWEEP_TAG: "parent"})
-        self.log_params(run.info.run_id, params)
-        self.client.log_artifact(run.info.run_id, str(sweep_file), "sweep")
-        return run.info.run_id
-
-    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
-
-    def children(self, parent_run_id: str) -> list:
-        return self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=5000
-        )
-
-    def reopen(self, run) -> None:
-        """A run that goes on (a retried or resumed trial, a resumed sweep) is RUNNING again."""
-        if run.info.status != "RUNNING":
-            self.client.update_run(run.info.run_id, status="RUNNING")
-        if INTERRUPTED_TAG in run.data.tags:
-            self.client.delete_tag(run.info.run_id, INTERRUPTED_TAG)
-
-    def child_for(self, parent_run_id: str, trial_id: str, params: dict[str, Any]) -> str:
-        """The child run of ``trial_id``: found again after a retry or a resume, else created."""
-        for run in self.children(parent_run_id):
-            if run.data.tags.get(TRIAL_TAG) == trial_id:
-                self.reopen(run)
-                return run.info.run_id
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"trial-{trial_id}",
-            tags={PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, SWEEP_TAG: "trial"},
-        )
-        self.log_params(run.info.run_id, params)
-        return run.info.run_id
-
-    def leaderboard(self, parent_run_id: str, searched: list[str]) -> list[dict[str, Any]]:
-        """One row per trial, best ``best_valid_nll`` first (failed and unscored last)."""
-        rows = []
-        for run in self.children(parent_run_id):
-            metrics = run.data.metrics
-            rows.append(
-                {
-                    "trial": run.data.tags.get(TRIAL_TAG, ""),
-                    "status": run.info.status,
-                    **{key: _parse(run.data.params.get(key, "")) for key in searched},
-                    "best_valid_nll": metrics.get("best_valid_nll", math.nan),
-                    "test_nll": metrics.get("test_nll", math.nan),
-                    "epochs": int(metrics.get("epoch", 0)),
-                    "run_id": run.info.run_id,
-                }
-            )
-        return sorted(rows, key=_rank)
-
-
-def _parse(text: str) -> int | float | str:
-    """An MLflow param (always a string) back as the number it was, where it was one."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _rank(row: dict[str, Any]) -> tuple[bool, float]:
-    value = row["best_valid_nll"]
-    scored = row["status"] == "FINISHED" and math.isfinite(value)
-    return (not scored, value if scored else math.inf)
 
 
 def _trial_error(trial) -> str:
@@ -163,8 +80,9 @@ class MLflowTrialLogger(tune.Callback):
     def _run_id(self, trial) -> str:
         run_ids = self._cache.setdefault("run_ids", {})
         if trial.trial_id not in run_ids:
-            params = {**self.fixed_params, **trial.config}
-            run_ids[trial.trial_id] = self.tracker.child_for(self.parent_run_id, trial.trial_id, params)
+            run_ids[trial.trial_id] = self.tracker.child_for(
+                self.parent_run_id, trial.trial_id, trial.config, self.fixed_params
+            )
         return run_ids[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -252,7 +170,7 @@ def finish_parent(
         client.log_artifact(parent_run_id, str(write_leaderboard_csv(rows, Path(scratch) / "leaderboard.csv")))
         plot_rows = [{**row, "valid_nll": row["best_valid_nll"]} for row in rows]
         client.log_artifact(parent_run_id, str(sweep_plot_png(plot_rows, searched, "valid_nll", Path(scratch) / "search.png")))
-    best = rows[0] if rows and _rank(rows[0])[0] is False else None
+    best = rows[0] if rows and is_scored(rows[0]) else None
     if best is not None:
         client.log_batch(
             parent_run_id,

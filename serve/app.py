@@ -1,4 +1,10 @@
-"""The Ray Serve deployment: a FastAPI ingress with the routes of DESIGN.md section 6.
+"""The Ray Serve deployment: a FastAPI ingress with the routes of docs/design.md ("HTTP").
+
+Every route declares its body and answer with the models of :mod:`serve.schemas`, so
+``/openapi.json`` and ``/docs`` show them. Bodies are read by :mod:`serve.scoring` (one
+vectorised check, with messages that say what and where), not by FastAPI: their schemas
+enter the OpenAPI document as components (``_openapi``). Answers are validated against
+their models and written by them (``serve.schemas.write_answer``).
 
 The model comes from ``user_config`` (``{"source": "models:/NAME/VERSION" or a checkpoint
 directory, "tracking_uri": ...}``): ``reconfigure`` loads it and swaps it in at once, so a
@@ -9,7 +15,6 @@ request never fails its batch.
 """
 
 import asyncio
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,36 +23,60 @@ import numpy as np
 import ray
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 
-from trainables.svi import CHECKPOINT_CONFIG, load_checkpoint
+from trainables.checkpoint import describe, load_checkpoint, read_config
 
 from .registry import load_model_version, parse_model_uri, pin_source
-from .scoring import RequestError, compute, merge, parse_inputs
+from .schemas import (
+    INPUT_REQUESTS,
+    PROBLEMS,
+    DecodeAnswer,
+    Health,
+    ModelDescription,
+    PosteriorAnswer,
+    SampleAnswer,
+    SampleRequest,
+    ScoreAnswer,
+    request_body,
+    request_components,
+    write_answer,
+)
+from .scoring import RequestError, complete, compute, parse_inputs, read_json
 from .scoring import sample as draw_samples
 
 api = FastAPI(
     title="pyrosweep",
-    description="Likelihoods, most likely hidden states, posteriors and samples of a served Pyro model.",
+    description="Likelihoods, most likely hidden states, posteriors and samples of a served Pyro model. "
+    "Bodies of score, decode and posterior hold `sequences` or `points`: the model's `data_kind` "
+    "(GET /v1/model) says which.",
 )
+INPUTS = request_body(*INPUT_REQUESTS)
 
-SEQUENCES_EXAMPLE = {"sequences": [[[0.0, 1.0], [1.0, 1.0]]]}
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's OpenAPI document with the request models added to its components (the
+    routes refer to them: FastAPI does not see bodies it does not parse)."""
+    if api.openapi_schema is None:
+        document = FastAPI.openapi(api)
+        document.setdefault("components", {}).setdefault("schemas", {}).update(request_components())
+    return api.openapi_schema
+
+
+api.openapi = _openapi
+
+
+def _written(method: str, answer: dict[str, Any]) -> Response:
+    """``answer`` as the JSON of ``method``'s answer model, the one its route declares."""
+    return Response(write_answer(method, answer), media_type="application/json")
 
 
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, error: RequestError) -> JSONResponse:
     return JSONResponse(status_code=error.status, content={"detail": error.detail})
-
-
-async def _body(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RequestError(400, f"body: malformed JSON ({error})") from None
 
 
 def load_source(config: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -58,10 +87,8 @@ def load_source(config: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]
         name, _, version = parse_model_uri(source)
         return load_model_version(config["tracking_uri"], name, version)
     model = load_checkpoint(source).eval()
-    saved = json.loads((Path(source) / CHECKPOINT_CONFIG).read_text())
-    info = {"name": Path(source).name, "version": None, "run_id": None, **{k: v for k, v in saved.items() if k != "model"}}
-    return model, {**info, "family": model.family, "data_dim": model.data_dim,
-                   "hidden_dim": model.hidden_dim, "hyperparameters": model.config}
+    saved = {key: value for key, value in read_config(source).items() if key not in ("model", "module")}
+    return model, {"name": Path(source).name, "version": None, "run_id": None, **saved, **describe(model)}
 
 
 def _device() -> str:
@@ -88,7 +115,7 @@ class ModelServer:
             raise RequestError(503, "no model loaded yet")
         return self.model
 
-    @api.get("/healthz")
+    @api.get("/healthz", response_model=Health)
     def healthz(self) -> dict[str, Any]:
         return {
             "status": "ok",
@@ -97,15 +124,12 @@ class ModelServer:
             "node_id": ray.get_runtime_context().get_node_id(),
         }
 
-    @api.get("/v1/model")
+    @api.get("/v1/model", response_model=ModelDescription, responses={503: PROBLEMS[503]})
     def describe(self) -> dict[str, Any]:
+        """The model's family, declared kinds, dimensions, hyperparameters and parameters."""
         model = self._current()
-        parameters = model.get_parameters() if hasattr(model, "get_parameters") else None
-        return {
-            **self.info,
-            "exact": model.exact,
-            "parameters": None if parameters is None else {k: v.cpu().tolist() for k, v in parameters.items()},
-        }
+        parameters = {name: value.cpu().tolist() for name, value in model.get_parameters().items()}
+        return {**self.info, "parameters": parameters}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.003)
     async def _batched(self, models: list, methods: list[str], inputs: list[list[np.ndarray]]) -> list[dict]:
@@ -116,42 +140,44 @@ class ModelServer:
             alone = -1 if model.exact else i  # a bound's particles would depend on the batch
             groups.setdefault((id(model), method, alone), []).append(i)
         for indices in groups.values():
+            model, method = models[indices[0]], methods[indices[0]]
             joined = [item for i in indices for item in inputs[i]]
-            results = await asyncio.to_thread(compute, models[indices[0]], methods[indices[0]], joined)
+            fields = await asyncio.to_thread(compute, model, method, joined)
             start = 0
             for i in indices:
-                answers[i] = merge(results[start : start + len(inputs[i])])
-                start += len(inputs[i])
+                stop = start + len(inputs[i])
+                answers[i] = complete(model, method, {key: values[start:stop] for key, values in fields.items()})
+                start = stop
         return answers
 
-    async def _answer_batched(self, method: str, request: Request) -> dict[str, Any]:
+    async def _answer(self, method: str, request: Request, batched: bool) -> Response:
         model = self._current()
-        inputs = parse_inputs(model, await _body(request))
-        return await self._batched(model, method, inputs)
+        inputs = parse_inputs(model, read_json(await request.body()))
+        if batched:
+            return _written(method, await self._batched(model, method, inputs))
+        return _written(method, complete(model, method, await asyncio.to_thread(compute, model, method, inputs)))
 
-    @api.post("/v1/score", openapi_extra={"requestBody": {"content": {"application/json": {"example": SEQUENCES_EXAMPLE}}}})
-    async def score(self, request: Request) -> dict[str, Any]:
+    @api.post("/v1/score", response_model=ScoreAnswer, responses=PROBLEMS, openapi_extra=INPUTS)
+    async def score(self, request: Request) -> Response:
         """``log_likelihood`` per sequence (nats), ``per_step`` increments, ``exact``."""
-        return await self._answer_batched("score", request)
+        return await self._answer("score", request, batched=True)
 
-    @api.post("/v1/decode", openapi_extra={"requestBody": {"content": {"application/json": {"example": SEQUENCES_EXAMPLE}}}})
-    async def decode(self, request: Request) -> dict[str, Any]:
-        """Viterbi ``states`` and ``log_joint`` per sequence (DMM: ``latents``)."""
-        return await self._answer_batched("decode", request)
+    @api.post("/v1/decode", response_model=DecodeAnswer, responses=PROBLEMS, openapi_extra=INPUTS)
+    async def decode(self, request: Request) -> Response:
+        """Most likely ``states`` (Viterbi; components for points) or ``latents``, and ``log_joint``."""
+        return await self._answer("decode", request, batched=True)
 
-    @api.post("/v1/posterior", openapi_extra={"requestBody": {"content": {"application/json": {"example": SEQUENCES_EXAMPLE}}}})
-    async def posterior(self, request: Request) -> dict[str, Any]:
-        """Smoothed state ``marginals`` ``(T, K)`` per sequence (DMM: ``loc``, ``scale``)."""
+    @api.post("/v1/posterior", response_model=PosteriorAnswer, responses=PROBLEMS, openapi_extra=INPUTS)
+    async def posterior(self, request: Request) -> Response:
+        """Smoothed state ``marginals`` per sequence, or the latents' ``loc`` and ``scale``."""
+        return await self._answer("posterior", request, batched=False)
+
+    @api.post("/v1/sample", response_model=SampleAnswer, responses=PROBLEMS, openapi_extra=request_body(SampleRequest))
+    async def sample(self, request: Request) -> Response:
+        """``num_sequences`` draws of ``length`` frames: ``sequences`` and ``states``."""
         model = self._current()
-        inputs = parse_inputs(model, await _body(request))
-        return merge(await asyncio.to_thread(compute, model, "posterior", inputs))
-
-    @api.post("/v1/sample", openapi_extra={"requestBody": {"content": {"application/json": {"example": {"num_sequences": 2, "length": 16, "seed": 0}}}}})
-    async def sample(self, request: Request) -> dict[str, Any]:
-        """``num_sequences`` samples of ``length`` frames: ``sequences`` and ``states``."""
-        model = self._current()
-        body = await _body(request)
-        return await asyncio.to_thread(draw_samples, model, body)
+        body = read_json(await request.body())
+        return _written("sample", await asyncio.to_thread(draw_samples, model, body))
 
 
 class AppArgs(BaseModel):

@@ -7,13 +7,15 @@ It answers like ``pyrosweep serve`` does, outside Ray, through ``serve.scoring.a
     model.predict({"sequences": [[[0, 1, ...], ...]]}, params={"method": "decode"})
     model.predict({"num_sequences": 2, "length": 16, "seed": 0}, params={"method": "sample"})
 
-The input is the JSON body of DESIGN.md section 6 (``points`` instead of ``sequences``
-for ``gmm``); ``params["method"]`` is ``score`` (default), ``decode``, ``posterior`` or
-``sample``. MLflow's schema enforcement hands ``predict`` a one-row DataFrame whose
-columns are the body's keys (nested lists or, from ``mlflow models serve``'s ``inputs``,
-numpy arrays); it is turned back into the body dict. A dict, or a list holding one dict,
-is taken as the body as it is. Values MLflow cannot make numbers of (e.g. strings) are
-refused by its schema enforcement first, in its own words. Other bad input raises ``MlflowException`` (error code
+The input is a request body of the HTTP API (``serve.schemas``, docs/design.md "HTTP";
+its key is the model's ``data_kind``: ``sequences``, or ``points`` for a mixture) and the
+answer is the route's, checked against the same answer model; ``params["method"]`` is
+``score`` (default), ``decode``, ``posterior`` or ``sample``. MLflow's schema enforcement
+hands ``predict`` a one-row DataFrame whose columns are the body's keys (nested lists
+or, from ``mlflow models serve``'s ``inputs``, numpy arrays); it is turned back into the
+body dict. A dict, or a list holding one dict, is taken as the body as it is. Values
+MLflow cannot make numbers of (e.g. strings) are refused by its schema enforcement
+first, in its own words. Other bad input raises ``MlflowException`` (error code
 ``INVALID_PARAMETER_VALUE``: HTTP 400 from ``mlflow models serve``) with the scoring
 module's ``detail`` as its message, chained to the ``RequestError``.
 
@@ -40,12 +42,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
+from serve.schemas import SampleRequest
 from serve.scoring import RequestError, answer
 from trainables.models import SequenceModel
-from trainables.svi import load_checkpoint
+from trainables.checkpoint import load_checkpoint
 
 DEFAULT_METHOD = "score"
-SAMPLE_FIELDS = ("num_sequences", "length", "seed")
+SAMPLE_FIELDS = tuple(SampleRequest.model_fields)  # num_sequences, length, seed
 
 
 def signature(key: str) -> ModelSignature:

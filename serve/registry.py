@@ -3,7 +3,7 @@ aliases to version numbers, and rebuild a version's model from its checkpoint.
 
 No Ray here: this runs inside Serve replicas, in the pyfunc and on the command line.
 A version is what ``cluster.promote`` registers: an MLflow pyfunc whose artifact
-``checkpoint`` holds ``model.pt`` and ``config.json`` (``trainables.svi.save_checkpoint``).
+``checkpoint`` holds ``model.pt`` and ``config.json`` (``trainables.checkpoint``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from trainables.models import SequenceModel
-from trainables.svi import load_checkpoint
+from trainables.checkpoint import ARTIFACT as CHECKPOINT_ARTIFACT
+from trainables.checkpoint import describe, is_checkpoint, load_checkpoint
 
-CHECKPOINT_ARTIFACT = "checkpoint"
 TRIAL_METRICS = ("best_valid_nll", "test_nll")
 _MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[0-9]+))")
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
@@ -83,7 +83,7 @@ def pin_source(model: str, tracking_uri: str) -> dict[str, Any]:
         source = f"models:/{version.name}/{version.version}"
     else:
         path = Path(model).expanduser().absolute()
-        if not (path / "model.pt").exists():
+        if not is_checkpoint(path):
             raise FileNotFoundError(f"{model}: not a models:/ URI nor a checkpoint directory (no model.pt)")
         source = str(path)
     return {"source": source, "tracking_uri": tracking_uri}
@@ -118,10 +118,7 @@ def load_model_version(
         "name": name,
         "version": int(found.version),
         "run_id": found.run_id,
-        "family": model.family,
-        "data_dim": model.data_dim,
-        "hidden_dim": model.hidden_dim,
-        "hyperparameters": model.config,
+        **describe(model),
         "metrics": {key: metrics[key] for key in TRIAL_METRICS if key in metrics},
         "aliases": sorted(found.aliases),
     }

@@ -7,11 +7,9 @@ Ray is only up while the module's sweeps run; everything after works on the stor
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -30,7 +28,7 @@ from serve.pyfunc_model import request_body
 from serve.registry import load_model_version, parse_model_uri, resolve_version
 from serve.scoring import RequestError, answer
 from trainables.data import load_dataset
-from trainables.svi import load_checkpoint
+from trainables.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -178,11 +176,12 @@ def test_the_pyfunc_loads_by_alias_outside_ray_and_answers_like_scoring(store, p
 
 
 def test_the_input_example_is_a_test_sequence_or_else_a_sample(store, promoted):
-    run = store.client.get_run(promoted[0]["run_id"])
-    model = trial_model(store, run.info.run_id)
+    model = trial_model(store, promoted[0]["run_id"])
+    data = SweepTracker(store.uri, EXPERIMENT, create=False).sweep_spec(store.sweeps[0])["data"]
+    assert data == DATA, "the parent run stores the sweep's spec"
     test = load_dataset(**DATA).splits["test"]
-    assert example_body(model, run) == {"sequences": [test.x[0, : int(test.lengths[0])].tolist()]}
-    moved = SimpleNamespace(data=SimpleNamespace(params={"data": json.dumps({"path": str(store.directory / "gone.npz")})}))
+    assert example_body(model, data) == {"sequences": [test.x[0, : int(test.lengths[0])].tolist()]}
+    moved = {"path": str(store.directory / "gone.npz")}
     assert np.array(example_body(model, moved)["sequences"]).shape == (1, 16, 8)
 
 
@@ -228,8 +227,8 @@ def failed_sweep(store: Store) -> str:
     """An experiment whose only sweep has one trial, which failed."""
     tracker = SweepTracker(store.uri, "all-failed")
     sweep_file = store.directory / "sweep.yaml"
-    parent = tracker.start_parent("all-failed-1", {"model": "hmm"}, sweep_file)
-    child = tracker.child_for(parent, "trial-0", {"hidden_dim": 2})
+    parent = tracker.start_parent("all-failed-1", load_sweep_file(sweep_file), {"model": "hmm"}, sweep_file)
+    child = tracker.child_for(parent, "trial-0", {"hidden_dim": 2}, {})
     tracker.client.set_terminated(child, "FAILED")
     tracker.client.set_terminated(parent, "FINISHED")
     return "all-failed"

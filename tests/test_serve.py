@@ -7,6 +7,7 @@ One Ray + Serve instance for the module; each family is deployed as its own app 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,10 +26,23 @@ from ray import serve
 from cluster.serving import ServeOptions, deployment
 from helpers import free_port, get, post
 from serve.app import AppArgs, build_app
-from serve.scoring import SCORE_SEED
+from serve.schemas import (
+    MAX_SEQUENCES,
+    METHODS,
+    GaussianPosteriorAnswer,
+    LatentPathAnswer,
+    MarginalsAnswer,
+    SampleAnswer,
+    ScoreAnswer,
+    StatePathAnswer,
+)
+from serve.scoring import SCORE_SEED, Scores
 from trainables.data import load_dataset
 from trainables.models import build_model
-from trainables.svi import TrainConfig, load_checkpoint, save_checkpoint, train
+from trainables.models.contract import GaussianPosterior, LatentPath, Marginals, Samples, StatePath
+from trainables.checkpoint import load_checkpoint, save_checkpoint
+from trainables.settings import TrainConfig
+from trainables.svi import train
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +94,18 @@ def close(a, b):
     torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), rtol=1e-5, atol=1e-5)
 
 
+def same_fields(served: dict, result, lengths) -> None:
+    """``served`` has exactly the fields of the contract ``result``, each equal to it;
+    values with a time axis cut to each length."""
+    assert set(served) == set(result._fields)
+    for name, value in result._asdict().items():
+        if lengths is None or value.dim() < 2:
+            close(served[name], value.tolist())
+        else:
+            for n, length in enumerate(lengths.tolist()):
+                close(served[name][n], value[n, :length].tolist())
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_served_answers_equal_the_in_process_model(server, family):
     url = f"{server['base']}/{family}"
@@ -89,8 +116,8 @@ def test_served_answers_equal_the_in_process_model(server, family):
     assert {k: health[k] for k in ("status", "model", "version")} == {"status": "ok", "model": f"{family}-0", "version": None}
     status, described = get(f"{url}/v1/model")
     assert status == 200 and described["family"] == family and described["data_dim"] == model.data_dim
-    if family != "dmm":
-        assert set(described["parameters"]) == set(model.get_parameters())
+    assert [described[k] for k in ("data_kind", "observation", "latent")] == [model.data_kind, model.observation, model.latent]
+    assert set(described["parameters"]) == set(model.get_parameters())
 
     status, scored = post(f"{url}/v1/score", body)
     assert status == 200 and scored["exact"] == model.exact
@@ -105,26 +132,10 @@ def test_served_answers_equal_the_in_process_model(server, family):
         close(scored["log_likelihood"], seeded.sum(-1).tolist())
         assert post(f"{url}/v1/score", body)[1] == scored, "the same request gets the same bound"
 
-    status, decoded = post(f"{url}/v1/decode", body)
-    states, log_joint = model.decode(x, lengths)
-    assert status == 200
-    close(decoded["log_joint"], log_joint.tolist())
-    key = "latents" if family == "dmm" else "states"
-    if lengths is None:
-        assert decoded[key] == states.tolist()
-    else:
-        for n, length in enumerate(lengths.tolist()):
-            close(decoded[key][n], states[n, :length].tolist())
-
-    status, posterior = post(f"{url}/v1/posterior", body)
-    assert status == 200
-    expected = model.posterior(x, lengths)
-    if family == "dmm":
-        close(posterior["loc"][0], expected[0][0, : int(lengths[0])].tolist())
-    elif lengths is None:
-        close(posterior["marginals"], expected.tolist())
-    else:
-        close(posterior["marginals"][1], expected[1, : int(lengths[1])].tolist())
+    for method in ("decode", "posterior"):
+        status, served = post(f"{url}/v1/{method}", body)
+        assert status == 200
+        same_fields(served, getattr(model, method)(x, lengths), lengths)
 
     status, sampled = post(f"{url}/v1/sample", {"num_sequences": 2, "length": 5, "seed": 3})
     x_sampled, z_sampled = model.sample(2, 5, seed=3)
@@ -177,6 +188,13 @@ BAD_REQUESTS = [
     ("sample", {"num_sequences": 0, "length": 3}, 422, "num_sequences: expected an integer"),
     ("sample", {"num_sequences": 2}, 422, "length: missing"),
     ("sample", {"num_sequences": 500, "length": 10000}, 413, "frames; the limit"),
+    # what json and math raise on (never a 500): nesting past the recursion limit, an
+    # integer over 4,300 digits, one too large for a float; and a boolean is no number
+    ("score", b"[" * 100_000 + b"]" * 100_000, 400, "malformed JSON"),
+    ("score", b'{"sequences": [[[' + b"1" * 5000 + b"]]]}", 400, "malformed JSON"),
+    ("score", {"sequences": [[[0] * 7 + [10**400]]]}, 422, "sequences[0][0][7]: expected a finite number"),
+    ("decode", {"sequences": [[[0] * 7 + [True]]]}, 422, "sequences[0][0][7]: expected a number, got True"),
+    ("sample", {"num_sequences": 10**400, "length": 3}, 422, "num_sequences: expected an integer from 1 to 512"),
 ]
 
 
@@ -186,6 +204,63 @@ def test_bad_requests_get_a_4xx_that_says_what_and_where(server, method, body, s
     answer_status, answer = post(f"{url}/v1/{method}", body)
     assert answer_status == status and detail in answer["detail"], answer
     assert get(f"{url}/healthz")[0] == 200
+
+
+def test_non_finite_answers_are_written_as_pythons_json_writes_them(server):
+    """A finite but extreme frame gives an exact log-likelihood of -inf in float32: every
+    route writes it as ``-Infinity`` (a union answer too), never as null."""
+    data_dim = load_checkpoint(server["checkpoints"]["gaussian-hmm"]).data_dim
+    body = {"sequences": [[[1e30] * data_dim]]}
+    url = f"{server['base']}/gaussian-hmm"
+    assert post(f"{url}/v1/score", body) == (200, {"log_likelihood": [-math.inf], "per_step": [[-math.inf]], "exact": True})
+    status, decoded = post(f"{url}/v1/decode", body)
+    assert status == 200 and decoded["log_joint"] == [-math.inf]
+
+
+def test_the_answer_models_have_the_fields_of_the_contracts_results():
+    """The JSON keys of an answer are the field names of the model's named result (a score
+    adds ``exact``)."""
+    pairs = [(Scores, ScoreAnswer), (StatePath, StatePathAnswer), (LatentPath, LatentPathAnswer),
+             (Marginals, MarginalsAnswer), (GaussianPosterior, GaussianPosteriorAnswer), (Samples, SampleAnswer)]
+    for result, answer in pairs:
+        assert list(answer.model_fields) == [*result._fields, *(["exact"] if result is Scores else [])]
+
+
+def resolved(document: dict, schema: dict) -> dict:
+    """The component a ``$ref`` names, or ``schema`` itself."""
+    ref = schema.get("$ref")
+    return document["components"]["schemas"][ref.rsplit("/", 1)[1]] if ref else schema
+
+
+def has_fields(document: dict, schema: dict) -> bool:
+    """A schema with properties, itself, through its ``$ref`` or in every option of its ``anyOf``."""
+    schema = resolved(document, schema)
+    if "anyOf" in schema:
+        return all(has_fields(document, option) for option in schema["anyOf"])
+    return bool(schema.get("properties"))
+
+
+def test_openapi_declares_every_request_body_and_answer(server):
+    url = f"{server['base']}/hmm"
+    status, document = get(f"{url}/openapi.json")
+    assert status == 200
+    routes = [("get", "/healthz"), ("get", "/v1/model"), *(("post", f"/v1/{method}") for method in METHODS)]
+    assert {(m, p) for p, operations in document["paths"].items() for m in operations} == set(routes)
+    for method, path in routes:
+        operation = document["paths"][path][method]
+        answer = operation["responses"]["200"]["content"]["application/json"]["schema"]
+        assert "$ref" in answer and has_fields(document, answer), (method, path, answer)
+        if method == "post":
+            body = operation["requestBody"]["content"]["application/json"]["schema"]
+            assert has_fields(document, body), (path, body)
+            problem = resolved(document, operation["responses"]["422"]["content"]["application/json"]["schema"])
+            assert set(problem["properties"]) == {"detail"}
+    score_body = document["paths"]["/v1/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    bodies = [resolved(document, option) for option in score_body["anyOf"]]
+    assert [set(b["properties"]) for b in bodies] == [{"sequences"}, {"points"}]
+    assert bodies[0]["properties"]["sequences"]["maxItems"] == MAX_SEQUENCES
+    with urllib.request.urlopen(f"{url}/docs", timeout=30) as page:
+        assert page.status == 200 and b"swagger" in page.read().lower()
 
 
 def test_hot_swap_under_load_fails_no_request(server):

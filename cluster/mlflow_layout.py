@@ -1,0 +1,182 @@
+"""Where a sweep lives in MLflow (docs/design.md, "MLflow layout"): the one module that writes and
+reads that layout.
+
+One experiment per sweep name; one parent run per sweep (tag ``pyrosweep.sweep`` =
+``parent``) that stores the validated sweep spec as the artifact ``sweep/spec.json``
+(beside the sweep file itself); one child run per trial (tags ``mlflow.parentRunId``,
+``pyrosweep.sweep`` = ``trial``, ``ray.trial_id``, and the trial's config as JSON in
+``pyrosweep.config``) that keeps its run across retries and resumes (found again by its
+trial id). Every hyperparameter is also an MLflow param, for the UI; readers take typed
+values from the spec and the config tag, never from params.
+
+Only MLflow is imported here: ``pyrosweep runs`` and promotion need no Ray or torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mlflow.entities import Param, Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from .home import artifact_location
+
+if TYPE_CHECKING:
+    from .sweep_file import SweepSpec
+
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_TAG = "ray.trial_id"
+SWEEP_TAG = "pyrosweep.sweep"
+CONFIG_TAG = "pyrosweep.config"
+INTERRUPTED_TAG = "pyrosweep.interrupted"
+SPEC_ARTIFACT = "sweep/spec.json"
+
+
+class SweepTracker:
+    """The sweeps of one experiment in MLflow: parent runs and their spec, child runs,
+    the best child and the leaderboard.
+
+    :param create: make the experiment if there is none (a sweep starting); without it a
+        missing experiment is a ``ValueError`` naming the experiments there are (a reader).
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, *, create: bool = True) -> None:
+        self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        self.uri = tracking_uri
+        self.experiment = experiment
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        elif create:
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location(tracking_uri, experiment))
+        else:
+            known = sorted(e.name for e in self.client.search_experiments())
+            raise ValueError(
+                f"no experiment named {experiment!r} at {tracking_uri} (the experiment is the "
+                f"sweep's name); experiments there: {', '.join(known) or 'none'}"
+            )
+
+    def start_parent(self, run_name: str, spec: SweepSpec, params: dict[str, Any], sweep_file: Path) -> str:
+        """A new parent run with ``params``, the sweep file and ``spec`` as JSON; its id."""
+        run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags={SWEEP_TAG: "parent"}).info.run_id
+        self.log_params(run_id, params)
+        self.client.log_artifact(run_id, str(sweep_file), "sweep")
+        self.client.log_dict(run_id, spec.model_dump(mode="json"), SPEC_ARTIFACT)
+        return run_id
+
+    def sweep_spec(self, parent_run_id: str) -> dict[str, Any]:
+        """The spec the sweep ran, as ``SweepSpec.model_dump(mode="json")`` wrote it (not
+        validated again: its data file need not be on this machine)."""
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                path = self.client.download_artifacts(parent_run_id, SPEC_ARTIFACT, scratch)
+            except MlflowException as error:
+                raise ValueError(f"sweep run {parent_run_id} has no {SPEC_ARTIFACT}: {error.message}") from None
+            return json.loads(Path(path).read_text())
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+
+    def sweep_run(self, parent_run_id: str | None = None) -> Run:
+        """The parent run ``parent_run_id``, checked to be a sweep of the experiment, or
+        the latest sweep's."""
+        if parent_run_id is None:
+            latest = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{SWEEP_TAG}` = 'parent'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if not latest:
+                raise ValueError(f"experiment {self.experiment!r} has no sweep yet: run pyrosweep sweep first")
+            return latest[0]
+        try:
+            run = self.client.get_run(parent_run_id)
+        except MlflowException as error:
+            raise ValueError(f"no run {parent_run_id!r} at {self.uri}: {error.message}") from None
+        if run.info.experiment_id != self.experiment_id or run.data.tags.get(SWEEP_TAG) != "parent":
+            raise ValueError(
+                f"run {parent_run_id} is not a sweep of experiment {self.experiment!r}; give the parent run id "
+                f"that pyrosweep runs --experiment {self.experiment} prints"
+            )
+        return run
+
+    def children(self, parent_run_id: str) -> list[Run]:
+        """The trial runs of the sweep ``parent_run_id``."""
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=5000
+        )
+
+    def reopen(self, run: Run) -> None:
+        """A run that goes on (a retried or resumed trial, a resumed sweep) is RUNNING again."""
+        if run.info.status != "RUNNING":
+            self.client.update_run(run.info.run_id, status="RUNNING")
+        if INTERRUPTED_TAG in run.data.tags:
+            self.client.delete_tag(run.info.run_id, INTERRUPTED_TAG)
+
+    def child_for(self, parent_run_id: str, trial_id: str, config: dict[str, Any], fixed_params: dict[str, Any]) -> str:
+        """The child run of ``trial_id``: found again after a retry or a resume, else
+        created with the trial's ``config`` as its config tag and, with ``fixed_params``,
+        as params."""
+        for run in self.children(parent_run_id):
+            if run.data.tags.get(TRIAL_TAG) == trial_id:
+                self.reopen(run)
+                return run.info.run_id
+        tags = {PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, SWEEP_TAG: "trial", CONFIG_TAG: json.dumps(config)}
+        run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_id}", tags=tags).info.run_id
+        self.log_params(run_id, {**fixed_params, **config})
+        return run_id
+
+    def best_child(self, parent: Run, metric: str) -> tuple[Run, float]:
+        """The FINISHED child of ``parent`` with the lowest finite ``metric``, and that value."""
+        children = self.children(parent.info.run_id)
+        scored = [
+            (run.data.metrics[metric], run)
+            for run in children
+            if run.info.status == "FINISHED" and math.isfinite(run.data.metrics.get(metric, math.nan))
+        ]
+        if not scored:
+            statuses = Counter(run.info.status for run in children)
+            seen = sorted({name for run in children for name in run.data.metrics})
+            raise ValueError(
+                f"sweep {parent.info.run_name} ({parent.info.run_id}) has no FINISHED trial with a finite "
+                f"{metric} (trials: {', '.join(f'{n} {s}' for s, n in sorted(statuses.items())) or 'none'}; "
+                f"metrics logged: {', '.join(seen) or 'none'})"
+            )
+        value, best = min(scored, key=lambda pair: pair[0])
+        return best, value
+
+    def leaderboard(self, parent_run_id: str, searched: list[str]) -> list[dict[str, Any]]:
+        """One row per trial (its ``searched`` hyperparameters typed, from its config tag),
+        best ``best_valid_nll`` first (failed and unscored last)."""
+        rows = []
+        for run in self.children(parent_run_id):
+            metrics, config = run.data.metrics, json.loads(run.data.tags[CONFIG_TAG])
+            rows.append(
+                {
+                    "trial": run.data.tags.get(TRIAL_TAG, ""),
+                    "status": run.info.status,
+                    **{key: config.get(key, "") for key in searched},
+                    "best_valid_nll": metrics.get("best_valid_nll", math.nan),
+                    "test_nll": metrics.get("test_nll", math.nan),
+                    "epochs": int(metrics.get("epoch", 0)),
+                    "run_id": run.info.run_id,
+                }
+            )
+        return sorted(rows, key=_rank)
+
+
+def is_scored(row: dict[str, Any]) -> bool:
+    """Whether a leaderboard row is a FINISHED trial with a finite ``best_valid_nll``."""
+    return row["status"] == "FINISHED" and math.isfinite(row["best_valid_nll"])
+
+
+def _rank(row: dict[str, Any]) -> tuple[bool, float]:
+    scored = is_scored(row)
+    return (not scored, row["best_valid_nll"] if scored else math.inf)

@@ -1,0 +1,209 @@
+"""The HTTP API's request and response models, one per body and answer of every route
+(docs/design.md, "HTTP"); ``serve.app`` declares them on its routes, so ``/openapi.json``
+and ``/docs`` show every field, and the pyfunc and ``pyrosweep query`` check answers
+against the same models.
+
+Request bodies are *described* here but validated by ``serve.scoring`` (a vectorised
+numpy check, with messages that say what and where): the limits below are the ones it
+enforces. The body key is the model's ``data_kind``: ``sequences`` or ``points``
+(``GET /v1/model`` says which). Answers are the contract's named results
+(``trainables.models.contract``) with the same field names; values with a time axis are
+cut to each sequence's length, per-item values have one entry per sequence (point).
+Non-finite numbers in answers are written as ``Infinity`` / ``NaN``, as Python's ``json``
+does.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+from pydantic.json_schema import models_json_schema
+
+MAX_SEQUENCES = 512  # sequences (points) per request
+MAX_FRAMES = 200_000  # frames per request, all sequences together
+MAX_SAMPLE_LENGTH = 10_000
+MAX_SEED = 2**63 - 1
+METHODS = ("score", "decode", "posterior", "sample")
+
+Frame = list[float]
+
+
+# Requests
+class SequencesRequest(BaseModel):
+    """The body of ``score``, ``decode`` and ``posterior`` for a model of sequences."""
+
+    sequences: list[Annotated[list[Frame], Field(min_length=1)]] = Field(
+        min_length=1,
+        max_length=MAX_SEQUENCES,
+        description=f"N sequences of T_i frames of data_dim numbers (0 or 1 for a binary model), "
+        f"{MAX_FRAMES} frames in all at most",
+        examples=[[[[0.0, 1.0], [1.0, 1.0]]]],
+    )
+
+
+class PointsRequest(BaseModel):
+    """The body of ``score``, ``decode`` and ``posterior`` for a model of points (a mixture)."""
+
+    points: list[Frame] = Field(
+        min_length=1, max_length=MAX_SEQUENCES, description="N points of data_dim numbers", examples=[[[0.0, 1.0]]]
+    )
+
+
+class SampleRequest(BaseModel):
+    """The body of ``sample`` (validated by this model, strictly: integers only)."""
+
+    num_sequences: int = Field(ge=1, le=MAX_SEQUENCES, strict=True, description="how many draws")
+    length: int | None = Field(
+        None, ge=1, le=MAX_SAMPLE_LENGTH, strict=True,
+        description=f"frames per sequence: required for a model of sequences, ignored for points; "
+        f"num_sequences x length <= {MAX_FRAMES}",
+    )  # fmt: skip
+    seed: int = Field(0, ge=0, le=MAX_SEED, strict=True, description="the same seed gives the same draws")
+
+
+INPUT_REQUESTS = (SequencesRequest, PointsRequest)
+
+
+# Answers
+class Answer(BaseModel):
+    """Base of the answers: exactly their fields, non-finite numbers as JSON constants."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+
+class ScoreAnswer(Answer):
+    log_likelihood: list[float] = Field(description="log p(x) per sequence (point), in nats (N,)")
+    per_step: list[list[float]] = Field(
+        description="per-step increments log p(x_t | x_<t) (N, T_i), summing to log_likelihood; one step per point"
+    )
+    exact: bool = Field(description="false where log_likelihood is a lower bound (an IWAE bound)")
+
+
+class StatePathAnswer(Answer):
+    """``decode`` of a model with discrete states (components)."""
+
+    states: list[list[int]] | list[int] = Field(description="most likely states (N, T_i), or components (N,)")
+    log_joint: list[float] = Field(description="log p(states, x) (N,)")
+
+
+class LatentPathAnswer(Answer):
+    """``decode`` of a model with continuous latents."""
+
+    latents: list[list[list[float]]] = Field(description="latent path (N, T_i, Z)")
+    log_joint: list[float] = Field(description="log p(x, latents) (N,), a density in the latents")
+
+
+class MarginalsAnswer(Answer):
+    """``posterior`` of a model with discrete states (components)."""
+
+    marginals: list[list[list[float]]] | list[list[float]] = Field(
+        description="posterior state probabilities (N, T_i, K), or component probabilities (N, K)"
+    )
+
+
+class GaussianPosteriorAnswer(Answer):
+    """``posterior`` of a model with continuous latents."""
+
+    loc: list[list[list[float]]] = Field(description="per-step Gaussian mean (N, T_i, Z)")
+    scale: list[list[list[float]]] = Field(description="per-step standard deviation (N, T_i, Z)")
+
+
+class DecodeAnswer(RootModel[StatePathAnswer | LatentPathAnswer]):
+    """``states`` or ``latents`` (the model's ``latent`` kind says which) and ``log_joint``."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
+
+class PosteriorAnswer(RootModel[MarginalsAnswer | GaussianPosteriorAnswer]):
+    """``marginals``, or ``loc`` and ``scale`` (the model's ``latent`` kind says which)."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
+
+class SampleAnswer(Answer):
+    sequences: list[list[list[float]]] | list[list[float]] = Field(
+        description="draws (num_sequences, length, D), or points (num_sequences, D)"
+    )
+    states: list[list[int]] | list[int] | list[list[list[float]]] = Field(
+        description="their states (num_sequences, length), components (num_sequences,) "
+        "or latents (num_sequences, length, Z)"
+    )
+
+
+ANSWERS: dict[str, type[BaseModel]] = {
+    "score": ScoreAnswer,
+    "decode": DecodeAnswer,
+    "posterior": PosteriorAnswer,
+    "sample": SampleAnswer,
+}
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str | None = Field(description="the served model's name")
+    version: int | None = Field(description="its registry version (none for a checkpoint directory)")
+    node_id: str = Field(description="the Ray node of the replica that answered")
+
+
+class ModelDescription(BaseModel):
+    """What ``GET /v1/model`` says (``trainables.checkpoint.describe`` and where the model
+    came from); a registered version adds ``metrics`` and ``aliases``, a checkpoint
+    directory what was saved with it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    version: int | None
+    run_id: str | None
+    family: str
+    data_kind: Literal["sequences", "points"] = Field(description="the key of a request body")
+    observation: Literal["binary", "real"]
+    latent: Literal["states", "components", "continuous"]
+    exact: bool
+    data_dim: int
+    hidden_dim: int
+    hyperparameters: dict[str, Any]
+    device: str
+    parameters: dict[str, Any] = Field(description="named parameters as nested lists (none for a neural network)")
+
+
+class Problem(BaseModel):
+    detail: str = Field(description="what is wrong and where, e.g. 'sequences[3][17]: expected 88 values, got 87'")
+
+
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "not a JSON object"},
+    413: {"model": Problem, "description": f"too many sequences (> {MAX_SEQUENCES}) or frames (> {MAX_FRAMES})"},
+    422: {"model": Problem, "description": "a value the model cannot take (what and where)"},
+    503: {"model": Problem, "description": "no model loaded yet"},
+}
+
+
+def check_answer(method: str, answer: dict[str, Any]) -> dict[str, Any]:
+    """``answer`` itself when it fits ``method``'s answer model (else pydantic's
+    ``ValidationError``, a ``ValueError``)."""
+    ANSWERS[method].model_validate(answer)
+    return answer
+
+
+def write_answer(method: str, answer: dict[str, Any]) -> str:
+    """``answer`` validated against ``method``'s answer model and written as JSON by it
+    (by the model itself: FastAPI's own writing of a union answer turns non-finite
+    numbers into null)."""
+    return ANSWERS[method].model_validate(answer).model_dump_json()
+
+
+def request_body(*models: type[BaseModel]) -> dict[str, Any]:
+    """A route's ``openapi_extra`` declaring a JSON body of one of ``models`` (their
+    schemas are in :func:`request_components`)."""
+    refs = [{"$ref": f"#/components/schemas/{model.__name__}"} for model in models]
+    schema = refs[0] if len(refs) == 1 else {"anyOf": refs}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def request_components() -> dict[str, Any]:
+    """The JSON schemas of the request models, for the OpenAPI document's components."""
+    models = [(model, "validation") for model in (*INPUT_REQUESTS, SampleRequest)]
+    _, schemas = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    return schemas["$defs"]
