@@ -1,7 +1,9 @@
 """The ``pyrosweep`` command line.
 
 Errors a user can act on are printed as one line without a traceback (``--debug`` shows
-it) and exit with status 2.
+it) and exit with status 2. The commands that run Ray (``sweep``, ``serve``, ``submit``,
+``demo``) print their own progress only and send the libraries' logs to a file they name
+(``-v`` shows those logs too; see :mod:`cluster.console`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
-from .home import project_home, tracking_uri
+from .console import log_file, quiet_environment, setup_logging
+from .home import tracking_uri
+
+LOGGED_COMMANDS = ("sweep", "serve", "submit", "demo")  # each calls _log_to_file
 
 
 def _from_args(settings_class, args: argparse.Namespace):
@@ -63,39 +68,16 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     _print_table(rows, columns)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from trainables.models import build_model
-    from trainables.svi import TrainConfig, evaluate_nll, save_checkpoint, train
-
-    config = _from_args(TrainConfig, args)
-    dataset = _load(args.data, args.max_chorales)
-    model = build_model(args.model, data_dim=dataset.data_dim, hidden_dim=args.hidden_dim)
-    print(f"training {args.model} (hidden_dim={args.hidden_dim}) on {dataset.name}: "
-          f"{config.epochs} epochs, batch {config.batch_size}, lr {config.lr}, best of {config.screen} inits")
-
-    def report(record, _model) -> None:
-        print(f"epoch {record.epoch:3d}  train loss {record.train_loss:.4f}  "
-              f"valid NLL {record.valid_nll:.4f}  ({record.epoch_s:.2f} s)", flush=True)
-
-    result = train(model, dataset, config, on_epoch=report)
-    bound = "" if model.exact else " (an upper bound: the model's likelihood is an IWAE bound)"
-    print(f"\nbest epoch {result.best_epoch}; NLL in nats per frame{bound}:")
-    rows = [
-        {"split": "train", "nll": evaluate_nll(model, dataset.splits["train"])},
-        {"split": "valid", "nll": result.best_valid_nll},
-        {"split": "test", "nll": result.test_nll},
-    ]
-    _print_table(rows, ["split", "nll"])
-    seconds = [r.epoch_s for r in result.history]
-    print(f"mean seconds per epoch: {sum(seconds) / len(seconds):.3f}")
-    out = Path(args.out) if args.out else project_home() / "checkpoints" / f"{args.model}-{Path(args.data).stem}"
-    save_checkpoint(model, out, data=args.data, train=vars(config), test_nll=result.test_nll)
-    print(f"checkpoint: {out}")
+def _log_to_file(args: argparse.Namespace) -> None:
+    """Send the libraries' logs to this command run's log file, and say where it is
+    (after the command's imports: Ray and Serve give their loggers handlers at import)."""
+    print(f"logs: {setup_logging(args.command, args.verbose)}", flush=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
+    _log_to_file(args)
     run_demo(args.port)
 
 
@@ -109,6 +91,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         return
     from .sweep import run_sweep
 
+    _log_to_file(args)
     outcome = run_sweep(spec, address=args.address, tracking=args.tracking_uri, storage=args.storage, resume=args.resume)
     print(f"\nsweep {spec.name} finished in {outcome.seconds:.0f} s")
     _print_leaderboard(outcome.leaderboard)
@@ -127,6 +110,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
     spec = load_sweep_file(args.config)
     extra = ["--num-samples", str(args.num_samples)] if args.num_samples is not None else []
+    _log_to_file(args)
     client, job_id = submit(spec, args.address, args.tracking_uri, args.storage, extra)
     print(f"submitted sweep {spec.name} as Ray Job {job_id} to {args.address}")
     if not args.follow:
@@ -150,20 +134,17 @@ def _print_leaderboard(rows: list[dict]) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from .tracking import SWEEP_TAG, SweepTracker
+    """``pyrosweep runs``: the leaderboard of the experiment's latest sweep, by its
+    searched hyperparameters (read from the spec its parent run stores)."""
+    from .mlflow_layout import SweepTracker
+    from .sweep_file import SweepSpec, searched_keys
 
-    uri = tracking_uri(args.tracking_uri)
-    tracker = SweepTracker(uri, args.experiment)
-    parents = tracker.client.search_runs(
-        [tracker.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = 'parent'", order_by=["attributes.start_time DESC"], max_results=1
-    )
-    if not parents:
-        raise RuntimeError(f"no sweep in experiment {args.experiment!r} at {uri}")
-    parent = parents[0]
-    search = json.loads(parent.data.params.get("search_space", "{}"))
-    searched = [key for key, value in search.items() if isinstance(value, dict)]
+    tracker = SweepTracker(tracking_uri(args.tracking_uri), args.experiment, create=False)
+    parent = tracker.sweep_run()
+    # built without validation: it was validated when the sweep started (its data file need not be here)
+    stored = SweepSpec.model_construct(**tracker.sweep_spec(parent.info.run_id))
     print(f"sweep {parent.info.run_name} ({parent.info.status}), parent run {parent.info.run_id}")
-    _print_leaderboard(tracker.leaderboard(parent.info.run_id, searched))
+    _print_leaderboard(tracker.leaderboard(parent.info.run_id, searched_keys(stored)))
 
 
 def cmd_ui(args: argparse.Namespace) -> None:
@@ -185,6 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if not (low.isdigit() and high.isdigit() and 0 < int(low) <= int(high)):
             raise ValueError(f"--autoscale: expected MIN:MAX with 0 < MIN <= MAX, got {args.autoscale!r}")
         autoscale = (int(low), int(high))
+    _log_to_file(args)
     options = ServeOptions(
         model=args.model,
         tracking_uri=tracking_uri(args.tracking_uri),
@@ -214,29 +196,42 @@ def cmd_swap(args: argparse.Namespace) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> None:
+    """POST the body of ``--input`` to ``/v1/METHOD`` and print the answer, checked
+    against the method's answer model (``serve.schemas``)."""
     import urllib.error
     import urllib.request
 
+    from pydantic import ValidationError
+
+    from serve.schemas import METHODS, check_answer
+
+    if args.method not in METHODS:
+        raise ValueError(f"unknown method {args.method!r}; expected one of {', '.join(METHODS)}")
     body = _read_query_input(args.input)
-    request = urllib.request.Request(
-        f"{args.url.rstrip('/')}/v1/{args.method}", data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
+    url = f"{args.url.rstrip('/')}/v1/{args.method}"
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=args.timeout) as response:
-            print(json.dumps(json.load(response)))
+            answer = json.load(response)
     except urllib.error.HTTPError as error:
         raise RuntimeError(f"{error.code}: {json.load(error).get('detail')}") from None
     except urllib.error.URLError as error:
         raise RuntimeError(f"cannot reach {args.url}: {error.reason}") from None
+    try:
+        print(json.dumps(check_answer(args.method, answer)))
+    except ValidationError as error:
+        raise RuntimeError(f"{url} answered something that is not a {args.method} answer: {error}") from None
 
 
 def _read_query_input(path: str) -> dict:
-    """A request body from a JSON file, or an npz with ``x`` ``(N, T, D)`` and ``lengths``."""
+    """A request body from a JSON file, or an npz with ``x`` ``(N, T, D)`` and ``lengths``
+    ``(N,)`` (``sequences``) or ``x`` ``(N, D)`` alone (``points``)."""
     if path.endswith(".npz"):
         import numpy as np
 
         with np.load(path) as arrays:
+            if "lengths" not in arrays:
+                return {"points": arrays["x"].tolist()}
             x, lengths = arrays["x"], arrays["lengths"]
         return {"sequences": [x[n, : int(length)].tolist() for n, length in enumerate(lengths)]}
     try:
@@ -247,26 +242,13 @@ def _read_query_input(path: str) -> dict:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
-def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="hmm", help="model family")
-    parser.add_argument("--data", default="jsb", help="data set name or file path")
-    parser.add_argument("--hidden-dim", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--lr-decay", type=float, default=1.0, help="per-step learning-rate factor")
-    parser.add_argument("--patience", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--screen", type=int, default=10,
-                        help="initialisations screened, best kept (best-of-N)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--max-chorales", type=int, default=None, help="jsb: parse only this many files")
-    parser.add_argument("--out", default=None, help="checkpoint directory")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(tokens: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The ``pyrosweep`` parser; ``train``'s family flags only when ``tokens`` (the command
+    line) asks for ``train``."""
     parser = argparse.ArgumentParser(prog="pyrosweep", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the logs of Ray, Tune, Serve and MLflow as they come (they always go to the log file)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="list and prepare data sets")
@@ -277,8 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--max-chorales", type=int, default=None)
     prepare.set_defaults(run=cmd_data_prepare)
 
+    from .train_command import add_train_arguments, cmd_train
+
     train = commands.add_parser("train", help="train one model and print its NLL per frame")
-    _add_train_arguments(train)
+    add_train_arguments(train, with_families="train" in tokens)
     train.set_defaults(run=cmd_train)
 
     sweep = commands.add_parser("sweep", help="run a sweep file on Ray Tune, tracked in MLflow")
@@ -347,9 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     swapped.set_defaults(run=cmd_swap)
 
     query = commands.add_parser("query", help="send a request to a served model and print the answer")
-    query.add_argument("method", choices=["score", "decode", "posterior", "sample"])
+    from serve.schemas import METHODS
+
+    query.add_argument("method", choices=METHODS)
     query.add_argument("--url", default="http://127.0.0.1:8000")
-    query.add_argument("--input", required=True, help="JSON body, or .npz with x (N, T, D) and lengths (N,)")
+    query.add_argument("--input", required=True, help="JSON body, or .npz with x (N, T, D) and lengths (N,) (points: x (N, D) alone)")
     query.add_argument("--timeout", type=float, default=60.0)
     query.set_defaults(run=cmd_query)
 
@@ -360,17 +346,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    tokens = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(tokens).parse_args(tokens)
     # no tqdm bars for every small artifact download (inherited by local Ray workers)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if args.command in LOGGED_COMMANDS:
+        quiet_environment()  # before the command imports Ray or MLflow
     try:
         args.run(args)
     except (ValueError, RuntimeError, FileNotFoundError, FloatingPointError) as error:
         if args.debug:
+            _point_to_log()
             raise
         print(f"pyrosweep: error: {error}", file=sys.stderr)
+        _point_to_log()
         return 2
+    except BaseException:  # a traceback: a bug, or Ctrl-C
+        _point_to_log()
+        raise
     return 0
+
+
+def _point_to_log() -> None:
+    """After a failure: where this command run's log file is, if it has one."""
+    if log_file() is not None:
+        print(f"pyrosweep: the libraries' logs of this run: {log_file()} (-v shows them as they come, "
+              f"with Ray's workers' output)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -36,23 +36,24 @@ def run_demo(port: int = 8000) -> None:
 
     spec = load_sweep_file(DEMO_SWEEP)
     print(f"\n2. sweep {spec.name} ({DEMO_SWEEP.name}) on a local Ray ...", flush=True)
-    outcome = run_sweep(spec)
-    best = outcome.best
-    print(f"   best trial {best['trial']}: hidden_dim {best['hidden_dim']}, valid NLL "
-          f"{best['best_valid_nll']:.3f}, test NLL {best['test_nll']:.3f} nats per frame")
+    with ray_session(None, tracking_uri()):  # one local Ray for the sweep and for Serve
+        outcome = run_sweep(spec)
+        best = outcome.best
+        print(f"   best trial {best['trial']}: hidden_dim {best['hidden_dim']}, valid NLL "
+              f"{best['best_valid_nll']:.3f}, test NLL {best['test_nll']:.3f} nats per frame")
 
-    promoted = promote(outcome.tracking_uri, spec.name)
-    model_uri = f"models:/{promoted['name']}@{promoted['alias']}"
-    print(f"\n3. promoted: {model_uri} -> version {promoted['version']}")
+        promoted = promote(outcome.tracking_uri, spec.name)
+        model_uri = f"models:/{promoted['name']}@{promoted['alias']}"
+        print(f"\n3. promoted: {model_uri} -> version {promoted['version']}")
 
-    test = data.splits["test"]
-    body = {"sequences": [test.x[n, : int(test.lengths[n])].int().tolist() for n in range(2)]}
-    options = ServeOptions(model=model_uri, tracking_uri=outcome.tracking_uri, port=port)
-    with ray_session(None, outcome.tracking_uri), serving(options):
-        url = f"http://127.0.0.1:{port}"
-        print(f"\n4. serving {model_uri} on {url}; two test chorales:")
-        scored = _post(f"{url}/v1/score", body)
-        decoded = _post(f"{url}/v1/decode", body)
+        test = data.splits["test"]
+        body = {"sequences": [test.x[n, : int(test.lengths[n])].int().tolist() for n in range(2)]}
+        options = ServeOptions(model=model_uri, tracking_uri=outcome.tracking_uri, port=port)
+        with serving(options):
+            url = f"http://127.0.0.1:{port}"
+            print(f"\n4. serving {model_uri} on {url}; two test chorales:", flush=True)
+            scored = _post(f"{url}/v1/score", body)
+            decoded = _post(f"{url}/v1/decode", body)
     for n, (log_likelihood, states) in enumerate(zip(scored["log_likelihood"], decoded["states"])):
         frames = len(states)
         print(f"   chorale {n}: {frames} frames, log_likelihood {log_likelihood:.2f} nats "

@@ -5,7 +5,9 @@ The project home is ``$PYROSWEEP_HOME`` (default ``~/.pyrosweep``):
 - ``mlflow.db``: the embedded MLflow store (SQLite, one writer: the sweep driver);
 - ``mlartifacts/``: its artifacts;
 - ``ray_results/``: Ray Tune storage (checkpoints, trial state) for ``--resume``;
-- ``checkpoints/``: ``pyrosweep train`` outputs.
+- ``checkpoints/``: ``pyrosweep train`` outputs;
+- ``logs/``: one log file per run of ``sweep``, ``serve``, ``submit`` and ``demo`` (the
+  libraries' logs; :mod:`cluster.console`).
 """
 
 from __future__ import annotations

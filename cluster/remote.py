@@ -22,6 +22,8 @@ import cluster
 import serve
 import trainables
 
+from . import console
+
 PROJECT_PACKAGES = (trainables, serve, cluster)
 HEAD_RESOURCE = "node:__internal_head__"  # every head node has this resource
 JOB_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray Jobs for a job's driver
@@ -35,7 +37,8 @@ def is_client(address: str | None) -> bool:
 def runtime_env(tracking_uri: str | None) -> dict[str, Any]:
     """The runtime env of every worker of a cluster job: the project's packages and its
     tracking URI (when given)."""
-    env_vars = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    # the Tune loop may run on the head node (Ray Client): quiet there too
+    env_vars = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", **console.QUIET_ENV}
     if tracking_uri:
         env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
     return {
@@ -55,6 +58,12 @@ def check_tracking_uri(address: str | None, tracking_uri: str) -> None:
         )
 
 
+def _driver_logging() -> dict[str, Any]:
+    """``ray.init``'s logging options: the "ray" logger left to :mod:`cluster.console`,
+    workers' output forwarded unless the command logs to a file without ``-v``."""
+    return {"configure_logging": False, "log_to_driver": console.forward_worker_output()}
+
+
 @contextmanager
 def ray_session(address: str | None, tracking_uri: str) -> Iterator[None]:
     """Ray for the block: the cluster at ``address`` (joined with the project's runtime
@@ -67,11 +76,11 @@ def ray_session(address: str | None, tracking_uri: str) -> Iterator[None]:
     if is_client(address):  # Ray Client takes no dashboard or logging options
         ray.init(address=address, runtime_env=runtime_env(tracking_uri))
     elif address and not os.environ.get(JOB_DRIVER_ENV):
-        ray.init(address=address, runtime_env=runtime_env(tracking_uri), configure_logging=False)
+        ray.init(address=address, runtime_env=runtime_env(tracking_uri), **_driver_logging())
     elif address:  # a Ray Job's driver: the job's runtime env already carries the project
-        ray.init(address=address, configure_logging=False)
-    else:
-        ray.init(include_dashboard=False, configure_logging=False)
+        ray.init(address=address, **_driver_logging())
+    else:  # "local": never join a Ray that happens to run on this machine
+        ray.init(address="local", include_dashboard=False, **_driver_logging())
     try:
         yield
     finally:

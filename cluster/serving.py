@@ -59,10 +59,23 @@ def deployment(options: ServeOptions, user_config: dict[str, Any]):
     ).bind(options.max_batch_size)
 
 
+def _run(options: ServeOptions, user_config: dict[str, Any]) -> None:
+    """``serve.run`` the deployment. Serve's error for a deployment that fails to start
+    names only the deployment; the replicas' exception (the last line of its status
+    message) is added, since their output is in the Ray session's logs, not on screen."""
+    try:
+        serve.run(deployment(options, user_config), name=APP_NAME, route_prefix="/")
+    except RuntimeError as error:
+        app = serve.status().applications.get(APP_NAME)
+        messages = [d.message.strip() for d in app.deployments.values()] if app else []
+        causes = "; ".join(message.splitlines()[-1] for message in messages if message)
+        raise RuntimeError(f"{error} Its replicas failed with: {causes}" if causes else str(error)) from error
+
+
 def swap(options: ServeOptions) -> dict[str, Any]:
     """Move the running deployment to what ``options.model`` resolves to now."""
     user_config = pin_source(options.model, options.tracking_uri)
-    serve.run(deployment(options, user_config), name=APP_NAME, route_prefix="/")
+    _run(options, user_config)
     return user_config
 
 
@@ -73,7 +86,7 @@ def serving(options: ServeOptions) -> Iterator[dict[str, Any]]:
     user_config = pin_source(options.model, options.tracking_uri)
     try:
         serve.start(proxy_location=options.proxy_location, http_options={"host": options.host, "port": options.port})
-        serve.run(deployment(options, user_config), name=APP_NAME, route_prefix="/")
+        _run(options, user_config)
         yield user_config
     finally:
         serve.shutdown()

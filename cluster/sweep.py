@@ -20,13 +20,16 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from trainables.data import load_dataset
+from trainables.models import FAMILIES
 from trainables.trainable import TrialSetup, run_trial
 
 from . import storage as shared_storage
 from .home import storage_path, tracking_uri
+from .mlflow_layout import SweepTracker
+from .progress import SweepView
 from .remote import controller_node, is_client, on_node, ray_session
 from .sweep_file import SweepSpec, num_trials, param_space, searched_keys
-from .tracking import MLflowTrialLogger, SweepTracker, finish_parent, interrupt_parent
+from .tracking import MLflowTrialLogger, finish_parent, interrupt_parent
 
 
 @dataclass
@@ -76,10 +79,14 @@ def _trainable(spec: SweepSpec, setup: TrialSetup):
 
 
 def fixed_params(spec: SweepSpec) -> dict[str, Any]:
-    """Everything a trial's hyperparameters do not say: logged on every child run."""
+    """Everything a trial's hyperparameters do not say, logged on every child run: the
+    family's declared hyperparameters at their defaults where the sweep leaves them out,
+    the training settings, restarts and resources."""
+    declared = FAMILIES[spec.model].hyperparameters.model_fields
     return {
         "model": spec.model,
         "data": json.dumps(spec.data, sort_keys=True),
+        **{name: field.default for name, field in declared.items() if name not in spec.search},
         **spec.train.model_dump(),
         "restarts_screen": spec.restarts.screen,
         "restarts_keep": spec.restarts.keep,
@@ -103,12 +110,13 @@ def _open_sweep(
     spec: SweepSpec, tracker: SweepTracker, storage: str, sweep_file: Path, resumed: dict[str, Any] | None
 ) -> dict[str, Any]:
     """The sweep's state (``run_name``, ``parent_run_id``, ``finished``): the ``resumed``
-    one with its MLflow parent run reopened, or a new parent run."""
+    one with its MLflow parent run reopened, or a new parent run (which stores ``spec``)."""
     if resumed is not None:
         tracker.reopen(tracker.client.get_run(resumed["parent_run_id"]))
         return resumed
     run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent = tracker.start_parent(run_name, {**fixed_params(spec), "search_space": json.dumps(spec.search)}, sweep_file)
+    params = {**fixed_params(spec), "search_space": json.dumps(spec.search)}
+    parent = tracker.start_parent(run_name, spec, params, sweep_file)
     state = {"run_name": run_name, "parent_run_id": parent, "finished": False}
     shared_storage.write_text(storage, _state_name(spec), json.dumps(state))
     return state
@@ -153,8 +161,12 @@ def _fit(
             run_config=tune.RunConfig(
                 name=state["run_name"],
                 storage_path=storage,
-                # restored with the experiment on --resume
-                callbacks=[MLflowTrialLogger(uri, spec.name, state["parent_run_id"], fixed_params(spec), spec.data)],
+                # both restored with the experiment on --resume
+                callbacks=[
+                    MLflowTrialLogger(uri, spec.name, state["parent_run_id"], fixed_params(spec), spec.data),
+                    SweepView(searched_keys(spec)),
+                ],
+                verbose=0,  # SweepView reports instead of Tune's status tables
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 # 5 kept: Tune snapshots its state whenever a trial has written num_to_keep
                 # checkpoints since the last; with 2, fast trials snapshotted all the time
@@ -198,6 +210,7 @@ def run_sweep(
         screen=spec.restarts.screen,
         keep=spec.restarts.keep,
         checkpoint_every=spec.checkpoint_every,
+        module=FAMILIES[spec.model].__module__,
     )
     tracker = SweepTracker(uri, spec.name)
     with ray_session(address, uri):
