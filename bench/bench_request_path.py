@@ -21,13 +21,12 @@ import json
 import socket
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine, setup_threads
+from common import machine, setup_threads, timings
 
 from serve import scoring
 from serve.schemas import write_answer
@@ -39,13 +38,7 @@ METHODS = ("decode", "score", "posterior")
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
     """The median of ``repeats`` calls of ``fn`` in ms, after one untimed call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
+    return statistics.median(timings(fn, repeats)) * 1e3
 
 
 def value_by_value(model, body: dict) -> list[np.ndarray]:

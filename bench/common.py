@@ -1,4 +1,4 @@
-"""What every benchmark script shares: the machine line and best-of-N timing."""
+"""What every benchmark script shares: the machine line and best-of-N (or median) timing."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def machine() -> str:
     )
 
 
-def best_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> float:
-    """The fastest of ``repeats`` calls of ``fn``, in seconds (after one untimed call)."""
+def timings(fn: Callable[[], object], repeats: int, warmup: bool = True) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` (after one untimed call)."""
     if warmup:
         fn()
     times = []
@@ -34,4 +34,9 @@ def best_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> fl
         started = time.perf_counter()
         fn()
         times.append(time.perf_counter() - started)
-    return min(times)
+    return times
+
+
+def best_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> float:
+    """The fastest of ``repeats`` calls of ``fn``, in seconds (after one untimed call)."""
+    return min(timings(fn, repeats, warmup))
