@@ -96,6 +96,8 @@ def tracking_server(backend_store_uri: str, artifacts: Path) -> Iterator[str]:
         [PYROSWEEP, "tracking-server", "--backend-store-uri", backend_store_uri,
          "--artifacts-destination", str(artifacts), "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        # no MLflow job runner (a second process importing MLflow as the server starts)
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:

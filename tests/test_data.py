@@ -35,10 +35,10 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(scope="session")
-def full_jsb(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PYROSWEEP_CACHE", str(tmp_path_factory.mktemp("jsb-full-cache")))
-        return load_jsb()
+def full_jsb(jsb_cache: Path) -> Dataset:
+    """The full corpus through the session's shared cache (conftest ``jsb_cache``): parsed
+    here, or read back if another test parsed it first."""
+    return load_jsb()
 
 
 def assert_datasets_equal(a: Dataset, b: Dataset) -> None:

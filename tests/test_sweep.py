@@ -7,6 +7,7 @@ the CLI tests run ``pyrosweep sweep`` as a separate driver process against it.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -27,7 +28,8 @@ from helpers import free_port, mlflow_runs, write_sweep
 from test_speed_paths import assert_same_run, restart_setting
 from trainables.models import build_model
 from trainables.svi import Candidate, Trainer, screen_initializations
-from trainables.trainable import TRIAL_STATE, TrialSetup, run_trial
+from trainables.checkpoint import TRIAL_STATE
+from trainables.trainable import TrialSetup, run_trial
 
 pytestmark = pytest.mark.slow
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
@@ -53,6 +55,7 @@ def test_a_tiny_sweep_logs_one_parent_and_a_finished_child_per_trial(tmp_path, r
         assert child.data.tags[PARENT_TAG] == parents[0].info.run_id
         assert child.data.tags["ray.node_id"] and child.data.tags["hostname"]
         assert {"hidden_dim", "lr", "seed", "model", "epochs"} <= set(child.data.params)
+        assert child.data.params["prior_sticky"] == "0.9", "declared defaults are logged too"
         history = client.get_metric_history(child.info.run_id, "valid_nll")
         assert [m.step for m in history] == [1, 2, 3, 4]
         assert "test_nll" in child.data.metrics and "screen_best" in child.data.metrics
@@ -147,30 +150,86 @@ def s3_storage():
     server.wait(timeout=30)
 
 
+def trials_checkpointed(uri: str) -> bool:
+    """Whether two trials have started and every trial that has logged an epoch has logged
+    three: the result of epoch 2 carried a checkpoint (``checkpoint_every: 2``), and the
+    driver takes in a trial's results, checkpoints included, in order before logging the next."""
+    try:
+        client, _, children = mlflow_runs(uri, "resume")
+        logged = [len(client.get_metric_history(child.info.run_id, "valid_nll")) for child in children]
+    except Exception:  # noqa: BLE001 - the store or the experiment may not exist yet
+        return False
+    started = [epochs for epochs in logged if epochs]
+    return len(started) >= 2 and min(started) >= 3
+
+
+def wait_until_two_trials_checkpointed(uri: str, driver: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not trials_checkpointed(uri):
+        assert driver.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, f"no two trials logged 3 epochs in {timeout} s\n{log.read_text()}"
+        time.sleep(0.2)
+
+
+def experiment_state(storage: Path, name: str) -> tuple[int, str] | None:
+    """The mtime (ns) of the searcher state and the text of the experiment state of sweep
+    ``name``'s Tune run under a local ``storage``, in that order; None before a first save."""
+    try:
+        run_dir = storage / json.loads((storage / f"{name}.sweep.json").read_text())["run_name"]
+        searcher = sorted(run_dir.glob("basic-variant-state-*.json"))[-1].stat().st_mtime_ns
+        return searcher, sorted(run_dir.glob("experiment_state-*.json"))[-1].read_text()
+    except (OSError, ValueError, IndexError, KeyError):
+        return None
+
+
+def wait_for_an_experiment_state_save(driver: subprocess.Popen, storage: Path, name: str, since, timeout: float = 60) -> None:
+    """Until Tune has finished a save of its state that began after ``since`` (what
+    ``experiment_state`` read then) was read.
+
+    A save writes the experiment state file in place, then replaces the searcher's: a
+    searcher file changed since the last look, next to an experiment state that parses and
+    differs from ``since``'s, is a save just done. The driver logs results and saves in one
+    thread, so that save has every trial as logged before ``since``. Returning right after
+    a save also keeps a kill away from the next one (about a second on)."""
+    deadline, last = time.monotonic() + timeout, since
+    while True:
+        assert driver.poll() is None, "the driver ended before it was stopped"
+        assert time.monotonic() < deadline, f"Tune saved no experiment state under {storage} in {timeout} s"
+        now = experiment_state(storage, name)
+        if now is not None and last is not None and now[0] != last[0] and now[1] != (since or (0, ""))[1]:
+            try:
+                json.loads(now[1])
+                return
+            except ValueError:  # being written again already
+                pass
+        last = now or last
+        time.sleep(0.02)
+
+
 @pytest.mark.parametrize(
     "stop, storage", [(signal.SIGKILL, "local"), (signal.SIGINT, "s3")], ids=["killed-local", "interrupted-s3"]
 )
 def test_driver_stopped_then_resume_finishes_the_same_sweep(tmp_path, ray_address, stop, storage, request):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    epochs = 60
+    # The driver is stopped once the running trials have checkpointed, 3 epochs in; a kill
+    # waits for Tune to save its state too (~1 s: ~10 epochs on an idle machine). A trial
+    # that ends first only makes the wait include the next one.
+    epochs = 30 if stop == signal.SIGKILL else 12
     config = write_sweep(tmp_path, "resume", epochs=epochs, num_samples=2, sequences=300)
     where = request.getfixturevalue("s3_storage") if storage == "s3" else str(tmp_path / "ray")
     common = ["--address", ray_address, "--tracking-uri", uri, "--storage", where]
     driver = pyrosweep(
         "sweep", str(config), *common, tmp_path=tmp_path, log="first.log", extra_env={"TUNE_GLOBAL_CHECKPOINT_S": "1"}
     )
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        time.sleep(1)
-        try:
-            client, _, children = mlflow_runs(uri, "resume")
-        except Exception:  # the store or experiment may not exist yet
-            continue
-        progressed = [c for c in children if client.get_metric_history(c.info.run_id, "valid_nll")]
-        if len(progressed) >= 2 and any(len(client.get_metric_history(c.info.run_id, "valid_nll")) >= 9 for c in progressed):
-            break
-    time.sleep(2)  # let Tune save its experiment state once more
+    wait_until_two_trials_checkpointed(uri, driver, tmp_path / "first.log")
     if stop == signal.SIGKILL:
+        # a kill keeps only what Tune saved: wait for a save made since, and wait again if a
+        # trial started meanwhile (killed before its first checkpoint, it would rerun from scratch)
+        while True:
+            wait_for_an_experiment_state_save(driver, tmp_path / "ray", "resume", experiment_state(tmp_path / "ray", "resume"))
+            if trials_checkpointed(uri):
+                break
+            wait_until_two_trials_checkpointed(uri, driver, tmp_path / "first.log")
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     else:  # Ctrl-C: the driver stops the trials, saves the state and says how to resume
@@ -267,11 +326,14 @@ def test_ui_serves_the_same_store_on_loopback(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    ui = pyrosweep("ui", "--tracking-uri", uri, "--port", str(port), tmp_path=tmp_path, log="ui.log")
+    # one uvicorn worker and no job runner: MLflow's default of 4 workers plus a job runner,
+    # each importing its server app, took ~55 s to come up on 2 busy cores
+    quick = {"MLFLOW_WORKERS": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    ui = pyrosweep("ui", "--tracking-uri", uri, "--port", str(port), tmp_path=tmp_path, log="ui.log", extra_env=quick)
     try:
-        deadline, answer = time.time() + 90, None
+        deadline, answer = time.time() + 120, None
         while time.time() < deadline and answer is None:
-            time.sleep(1)
+            time.sleep(0.2)
             try:
                 answer = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
             except OSError:
