@@ -17,7 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
-from .console import log_file, quiet_environment, setup_logging
+from .console import log_file, print_table, quiet_environment, setup_logging
 from .home import tracking_uri
 
 LOGGED_COMMANDS = ("sweep", "serve", "submit", "demo")  # each calls _log_to_file
@@ -30,42 +30,21 @@ def _from_args(settings_class, args: argparse.Namespace):
     return settings_class(**{f.name: given[f.name] for f in fields(settings_class) if f.name in given})
 
 
-def _print_table(rows: list[dict], columns: list[str]) -> None:
-    cells = [[_format(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
-
-
-def _format(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def cmd_data_list(args: argparse.Namespace) -> None:
     from trainables.data import DATASETS
 
-    _print_table([{"name": k, "description": v} for k, v in DATASETS.items()], ["name", "description"])
+    print_table([{"name": k, "description": v} for k, v in DATASETS.items()], ["name", "description"])
     print("\nuser files: pass a path ending in .npz ({split}_x, {split}_len) or .pkl (JSB pickle)")
 
 
-def _load(name: str, max_chorales: int | None = None):
-    from trainables.data import load_dataset
-
-    options = {"max_chorales": max_chorales} if max_chorales is not None else {}
-    if Path(name).suffix:
-        return load_dataset(path=name)
-    return load_dataset(name, **options)
-
-
 def cmd_data_prepare(args: argparse.Namespace) -> None:
-    from trainables.data import dataset_summary
+    from trainables.data import dataset_summary, load_argument
 
-    dataset = _load(args.name, args.max_chorales)
+    dataset = load_argument(args.name, max_chorales=args.max_chorales)
     rows = dataset_summary(dataset)
     columns = ["split", *[c for c in rows[0] if c != "split"]]
     print(f"{dataset.name}: {dataset.data_dim} values per frame")
-    _print_table(rows, columns)
+    print_table(rows, columns)
 
 
 def _log_to_file(args: argparse.Namespace) -> None:
@@ -130,7 +109,7 @@ def cmd_tracking_server(args: argparse.Namespace) -> None:
 
 def _print_leaderboard(rows: list[dict]) -> None:
     columns = [c for c in (rows[0] if rows else {"trial": ""}) if c != "run_id"]
-    _print_table(rows, columns)
+    print_table(rows, columns)
 
 
 def cmd_runs(args: argparse.Namespace) -> None:

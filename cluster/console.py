@@ -115,3 +115,16 @@ def forward_worker_output() -> bool:
 def live_terminal() -> bool:
     """Whether to draw live views: stdout is a terminal and no log records stream to it."""
     return sys.stdout.isatty() and not _session["verbose"]
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """``rows`` as plain aligned columns (floats to 4 significant digits)."""
+    cells = [[_cell(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic.fields import FieldInfo
 
+from .console import print_table
 from .home import project_home
 
 MODEL_FLAGS = "model hyperparameters (those of the --model family; see the list below)"
@@ -90,6 +91,7 @@ def _given(args: argparse.Namespace, names: typing.Iterable[str]) -> dict[str, A
 def cmd_train(args: argparse.Namespace) -> None:
     """Train ``args.model`` on ``args.data`` and write its checkpoint."""
     from trainables.checkpoint import save_checkpoint
+    from trainables.data import load_argument
     from trainables.models import FAMILIES, family_class
     from trainables.settings import TrainConfig
     from trainables.svi import evaluate_nll, train
@@ -102,9 +104,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ValueError(f"{flags}: not a hyperparameter of {args.model} (its own: {', '.join(declaration.model_fields)})")
     hparams = declaration.build(args.model, _given(args, declaration.model_fields)).model_dump()
     config = TrainConfig.build("pyrosweep train", _given(args, TrainConfig.model_fields))
-    from .cli import _load, _print_table
-
-    dataset = _load(args.data, args.max_chorales)
+    dataset = load_argument(args.data, max_chorales=args.max_chorales)
     model = family_class(args.model)(dataset.data_dim, **hparams)
     shown = ", ".join(f"{key}={value}" for key, value in _given(args, declaration.model_fields).items())
     print(f"training {args.model} ({shown or 'declared defaults'}) on {dataset.name}: "
@@ -122,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         {"split": "valid", "nll": result.best_valid_nll},
         {"split": "test", "nll": result.test_nll},
     ]
-    _print_table(rows, ["split", "nll"])
+    print_table(rows, ["split", "nll"])
     seconds = [r.epoch_s for r in result.history]
     print(f"mean seconds per epoch: {sum(seconds) / len(seconds):.3f}")
     out = Path(args.out) if args.out else project_home() / "checkpoints" / f"{args.model}-{Path(args.data).stem}"

@@ -12,6 +12,7 @@ import inspect
 import os
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "Dataset",
     "Split",
     "dataset_summary",
+    "load_argument",
     "load_dataset",
     "load_file",
     "load_jsb",
@@ -94,6 +96,14 @@ def load_dataset(
         source, loader = name, named_loader(name)
     _check_options(source, loader, options)
     return loader(**options)
+
+
+def load_argument(name_or_path: str, **options: Any) -> Dataset:
+    """A data set as the command line names it: a file path (it has a suffix, and takes no
+    options) or a built-in data set's name with ``options`` (``None`` values left out)."""
+    if Path(name_or_path).suffix:
+        return load_dataset(path=name_or_path)
+    return load_dataset(name_or_path, **{key: value for key, value in options.items() if value is not None})
 
 
 def _split_summary(split_name: str, split: Split) -> dict[str, str | int | float]:
