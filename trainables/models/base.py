@@ -67,11 +67,6 @@ class SequenceModel(PyroModule):
     def device(self) -> torch.device:
         return next(self.buffers(), next(self.parameters())).device
 
-    @classmethod
-    def hparam_names(cls) -> list[str]:
-        """The keyword hyperparameters this family accepts besides data_dim and hidden_dim."""
-        return cls.hyperparameters.names()
-
     def get_parameters(self) -> dict[str, torch.Tensor]:
         """The model's named parameters in their natural space (none by default)."""
         return {}

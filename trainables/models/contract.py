@@ -30,17 +30,13 @@ DataKind = Literal["sequences", "points"]
 Observation = Literal["binary", "real"]
 Latent = Literal["states", "components", "continuous"]
 
+
 class Hyperparameters(Declared):
     """Base of every family's declaration: ``hidden_dim`` (states, components or latent
     dimensions). Subclasses add fields with ``Field(default, constraint...,
     description=...)``; unknown names are refused."""
 
     hidden_dim: int = Field(16, ge=1, description="number of hidden states (mixture components, latent dimensions)")
-
-    @classmethod
-    def names(cls) -> list[str]:
-        """The hyperparameters besides ``hidden_dim``, in declaration order."""
-        return [name for name in cls.model_fields if name != "hidden_dim"]
 
 
 def _perfect_square(value: int) -> int:
