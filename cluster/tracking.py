@@ -1,6 +1,5 @@
 """MLflow tracking of a running sweep, from the driver only, into the layout of
-:mod:`cluster.mlflow_layout` (whose tag names and :class:`SweepTracker` are imported from
-here too).
+:mod:`cluster.mlflow_layout`.
 
 A ``tune.Callback`` does all the logging in the driver, so the embedded SQLite store has a
 single writer and a trial that is stopped or killed can never leave its run RUNNING: the
@@ -22,13 +21,10 @@ from ray import tune
 from trainables.data import Dataset, load_dataset
 from trainables.checkpoint import load_checkpoint
 
-from .mlflow_layout import INTERRUPTED_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG, SweepTracker, is_scored
+from .mlflow_layout import INTERRUPTED_TAG, TRIAL_TAG, SweepTracker, is_scored
 from .plots import loss_curve_png, model_picture_png, sweep_plot_png
 
-__all__ = [
-    "PARENT_TAG", "SWEEP_TAG", "TRIAL_TAG", "SweepTracker",  # the layout's, for callers that know them from here
-    "MLflowTrialLogger", "finish_parent", "interrupt_parent", "write_leaderboard_csv",
-]  # fmt: skip
+__all__ = ["MLflowTrialLogger", "finish_parent", "interrupt_parent", "write_leaderboard_csv"]
 
 EPOCH_METRICS = (
     "train_loss", "valid_nll", "epoch_s", "best_valid_nll", "test_nll", "screen_best", "screen_worst",

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from mlflow.tracking import MlflowClient
 
-from cluster.tracking import SWEEP_TAG
+from cluster.mlflow_layout import SWEEP_TAG
 from cluster.tracking_server import wait_until_up
 
 PYROSWEEP = str(Path(sys.executable).parent / "pyrosweep")

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from cluster.promote import PREVIOUS_TAG, add_promote_arguments, cmd_promote, example_body, promote, rollback
 from cluster.sweep import run_sweep
 from cluster.sweep_file import load_sweep_file
-from cluster.tracking import PARENT_TAG, SweepTracker
+from cluster.mlflow_layout import PARENT_TAG, SweepTracker
 from serve.pyfunc_model import request_body
 from serve.registry import load_model_version, parse_model_uri, resolve_version
 from serve.scoring import RequestError, answer

@@ -23,7 +23,7 @@ from ray import tune
 
 from cluster.sweep import run_sweep
 from cluster.sweep_file import load_sweep_file
-from cluster.tracking import PARENT_TAG, TRIAL_TAG
+from cluster.mlflow_layout import PARENT_TAG, TRIAL_TAG
 from helpers import free_port, mlflow_runs, write_sweep
 from test_speed_paths import assert_same_run, restart_setting
 from trainables.models import build_model
