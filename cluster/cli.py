@@ -19,8 +19,10 @@ from typing import Sequence
 
 from .console import log_file, print_table, quiet_environment, setup_logging
 from .home import tracking_uri
+from .local_ray import prepare_local_ray
 
 LOGGED_COMMANDS = ("sweep", "serve", "submit", "demo")  # each calls _log_to_file
+LOCAL_RAY_COMMANDS = ("sweep", "serve", "demo")  # each starts a Ray of its own without --address
 
 
 def _from_args(settings_class, args: argparse.Namespace):
@@ -137,6 +139,8 @@ def cmd_ui(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from serve.limits import BodyLimits
+
     from .serving import ServeOptions, run_server
 
     autoscale = None
@@ -157,6 +161,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_batch_size=args.max_batch_size,
         address=args.address,
         proxy_location=args.proxy_location,
+        body_limits=BodyLimits.build("serve", {
+            "max_bytes": None if args.max_body_mb is None else round(args.max_body_mb * 1e6),
+            "timeout_s": args.body_timeout_s,
+        }),
+        request_timeout_s=args.request_timeout_s,
+        keep_alive_timeout_s=args.keep_alive_timeout_s,
     )
 
     def ready(user_config: dict) -> None:
@@ -303,6 +313,15 @@ def build_parser(tokens: Sequence[str] = ()) -> argparse.ArgumentParser:
     served.add_argument("--address", default=None, help="an existing Ray cluster: auto, HOST:PORT or ray://HOST:10001")
     served.add_argument("--proxy-location", default="EveryNode", choices=["EveryNode", "HeadOnly"],
                         help="where Ray Serve runs its HTTP proxies")
+    from serve.limits import BodyLimits
+
+    served.add_argument("--max-body-mb", type=float, default=None,
+                        help="largest request body in MB (413 beyond it; default: sized from the frame limit and the model)")
+    served.add_argument("--body-timeout-s", type=float, default=BodyLimits().timeout_s,
+                        help="seconds a client has to send its whole body (408 after)")
+    served.add_argument("--request-timeout-s", type=float, default=None,
+                        help="Serve's end-to-end limit on one request, answer included (408; default: none)")
+    served.add_argument("--keep-alive-timeout-s", type=int, default=90, help="how long an idle connection stays open")
     served.set_defaults(run=cmd_serve)
 
     swapped = commands.add_parser("swap", help="move a running `pyrosweep serve` to its alias's current version")
@@ -331,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.command in LOGGED_COMMANDS:
         quiet_environment()  # before the command imports Ray or MLflow
+    if args.command in LOCAL_RAY_COMMANDS and not (getattr(args, "address", None) or getattr(args, "dry_run", False)):
+        prepare_local_ray()  # loopback only, before the command imports Ray
     try:
         args.run(args)
     except (ValueError, RuntimeError, FileNotFoundError, FloatingPointError) as error:

@@ -12,13 +12,14 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ray import serve
 
 from serve.app import ModelServer
+from serve.limits import BodyLimits
 from serve.registry import pin_source
 
 from .home import project_home
@@ -40,6 +41,11 @@ class ServeOptions:
     address: str | None = None
     # where Serve runs HTTP proxies: "EveryNode" (Ray's default) or "HeadOnly"
     proxy_location: str = "EveryNode"
+    body_limits: BodyLimits = field(default_factory=BodyLimits)
+    # Serve's own HTTP options: a whole request's time limit (a 408 from the proxy; none by
+    # default), and how long an idle keep-alive connection stays open
+    request_timeout_s: float | None = None
+    keep_alive_timeout_s: int = 90  # Serve's default: longer than a load balancer's idle timeout
 
 
 def pid_file(port: int) -> Path:
@@ -56,7 +62,17 @@ def deployment(options: ServeOptions, user_config: dict[str, Any]):
         **scaling,
         user_config=user_config,
         ray_actor_options={"num_gpus": options.num_gpus, "num_cpus": 1},
-    ).bind(options.max_batch_size)
+    ).bind(options.max_batch_size, options.body_limits.model_dump())
+
+
+def http_options(options: ServeOptions) -> dict[str, Any]:
+    """Serve's ``http_options`` for ``options``: where its proxies listen, and their timeouts."""
+    return {
+        "host": options.host,
+        "port": options.port,
+        "request_timeout_s": options.request_timeout_s,
+        "keep_alive_timeout_s": options.keep_alive_timeout_s,
+    }
 
 
 def _run(options: ServeOptions, user_config: dict[str, Any]) -> None:
@@ -85,7 +101,7 @@ def serving(options: ServeOptions) -> Iterator[dict[str, Any]]:
     the deployment's ``user_config``; Serve is shut down after."""
     user_config = pin_source(options.model, options.tracking_uri)
     try:
-        serve.start(proxy_location=options.proxy_location, http_options={"host": options.host, "port": options.port})
+        serve.start(proxy_location=options.proxy_location, http_options=http_options(options))
         _run(options, user_config)
         yield user_config
     finally:

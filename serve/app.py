@@ -9,15 +9,25 @@ their models and written by them (``serve.schemas.write_answer``).
 The model comes from ``user_config`` (``{"source": "models:/NAME/VERSION" or a checkpoint
 directory, "tracking_uri": ...}``): ``reconfigure`` loads it and swaps it in at once, so a
 new version goes live in the running replica without failing an in-flight request (each
-request keeps the model it started with). ``score`` and ``decode`` are joined across
-requests by ``@serve.batch``; every request is validated on its own first, so one bad
-request never fails its batch.
+request keeps the model it started with). ``score`` and ``decode`` requests of up to
+``BATCH_FRAMES`` frames are joined across requests by ``@serve.batch`` (no wait when the
+queue is empty); every request is validated on its own first, so one bad request never
+fails its batch. A batched answer equals the answer alone within float32 rounding, not to
+the last bit (a batch's matrix products take other kernels than one sequence's): per-step
+and total log-likelihoods within ``4 eps`` of the sequence's ``sum |per_step|``,
+posterior marginals within ``32 eps``; decoded states are the same.
+
+What a request may be (headers, body bytes, the time to send a body) is
+:mod:`serve.limits`. Bodies of more than ``INLINE_BYTES`` are parsed, and requests of more
+than ``BATCH_FRAMES`` frames computed and written, in a worker thread, so a large request
+holds a small one no longer than the small one's own work (the GIL is shared in turns).
 """
 
 import asyncio
 import os
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import ray
@@ -30,6 +40,8 @@ from ray.serve import Application
 
 from trainables.checkpoint import describe, load_checkpoint, read_config
 
+from .errors import RequestError
+from .limits import BodyLimits, HeaderGuard, read_body
 from .registry import load_model_version, parse_model_uri, pin_source
 from .schemas import (
     INPUT_REQUESTS,
@@ -45,15 +57,22 @@ from .schemas import (
     request_components,
     write_answer,
 )
-from .scoring import RequestError, complete, compute, parse_inputs, read_json
+from .scoring import complete, compute, parse_inputs, read_json, sample_request
 from .scoring import sample as draw_samples
+
+MAX_ONGOING_REQUESTS = 1024  # per replica: a slow body waits here as a cheap coroutine
+BATCH_WAIT_S = 0.0  # a batch takes what has queued while the previous one ran, never waits
+BATCH_FRAMES = 4096  # a larger request is computed alone: in a batch it would hold the small ones
+INLINE_BYTES = 256 * 1024  # a smaller body is parsed on the event loop (a thread hop costs more)
 
 api = FastAPI(
     title="pyrosweep",
     description="Likelihoods, most likely hidden states, posteriors and samples of a served Pyro model. "
     "Bodies of score, decode and posterior hold `sequences` or `points`: the model's `data_kind` "
     "(GET /v1/model) says which.",
+    redirect_slashes=False,  # Starlette would redirect /healthz/ to a Location built from the client's Host
 )
+api.add_middleware(HeaderGuard)
 INPUTS = request_body(*INPUT_REQUESTS)
 
 
@@ -67,6 +86,11 @@ def _openapi() -> dict[str, Any]:
 
 
 api.openapi = _openapi
+
+
+def _frames(model: torch.nn.Module, inputs: list[np.ndarray]) -> int:
+    """The frames of a request's ``inputs`` (a point is one)."""
+    return sum(map(len, inputs)) if model.data_kind == "sequences" else len(inputs)
 
 
 def _written(method: str, answer: dict[str, Any]) -> Response:
@@ -95,14 +119,16 @@ def _device() -> str:
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
-@serve.deployment(name="pyrosweep", max_ongoing_requests=64)
+@serve.deployment(name="pyrosweep", max_ongoing_requests=MAX_ONGOING_REQUESTS)
 @serve.ingress(api)
 class ModelServer:
-    """One replica serving one model version at a time."""
+    """One replica serving one model version at a time; ``body_limits`` are the fields of
+    :class:`serve.limits.BodyLimits`."""
 
-    def __init__(self, max_batch_size: int = 16) -> None:
+    def __init__(self, max_batch_size: int = 16, body_limits: dict[str, Any] | None = None) -> None:
         self.model: torch.nn.Module | None = None
         self.info: dict[str, Any] = {}
+        self.body_limits = BodyLimits.model_validate(body_limits or {})
         self._batched.set_max_batch_size(max_batch_size)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -131,7 +157,7 @@ class ModelServer:
         parameters = {name: value.cpu().tolist() for name, value in model.get_parameters().items()}
         return {**self.info, "parameters": parameters}
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.003)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=BATCH_WAIT_S)
     async def _batched(self, models: list, methods: list[str], inputs: list[list[np.ndarray]]) -> list[dict]:
         """Answer a batch of already validated requests, one ``compute`` per model and method."""
         answers: list[dict | None] = [None] * len(inputs)
@@ -150,12 +176,22 @@ class ModelServer:
                 start = stop
         return answers
 
+    async def _read(self, model: torch.nn.Module, request: Request, parse: Callable[[Any], Any]) -> Any:
+        """``parse`` of the JSON value of ``request``'s body (read within the limits of
+        :mod:`serve.limits`), in a worker thread for a body of more than ``INLINE_BYTES``."""
+        max_bytes = self.body_limits.bytes_for(model.data_dim, model.observation)
+        raw = await read_body(request, max_bytes, self.body_limits.timeout_s)
+        if len(raw) <= INLINE_BYTES:
+            return parse(read_json(raw))
+        return await asyncio.to_thread(lambda: parse(read_json(raw)))
+
     async def _answer(self, method: str, request: Request, batched: bool) -> Response:
         model = self._current()
-        inputs = parse_inputs(model, read_json(await request.body()))
-        if batched:
+        inputs = await self._read(model, request, partial(parse_inputs, model))
+        if batched and _frames(model, inputs) <= BATCH_FRAMES:
             return _written(method, await self._batched(model, method, inputs))
-        return _written(method, complete(model, method, await asyncio.to_thread(compute, model, method, inputs)))
+        written = await asyncio.to_thread(lambda: write_answer(method, complete(model, method, compute(model, method, inputs))))
+        return Response(written, media_type="application/json")
 
     @api.post("/v1/score", response_model=ScoreAnswer, responses=PROBLEMS, openapi_extra=INPUTS)
     async def score(self, request: Request) -> Response:
@@ -176,8 +212,9 @@ class ModelServer:
     async def sample(self, request: Request) -> Response:
         """``num_sequences`` draws of ``length`` frames: ``sequences`` and ``states``."""
         model = self._current()
-        body = read_json(await request.body())
-        return _written("sample", await asyncio.to_thread(draw_samples, model, body))
+        body = await self._read(model, request, partial(sample_request, model))
+        return Response(await asyncio.to_thread(lambda: write_answer("sample", draw_samples(model, body))),
+                        media_type="application/json")
 
 
 class AppArgs(BaseModel):
@@ -186,6 +223,7 @@ class AppArgs(BaseModel):
     model: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint directory")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     max_batch_size: int = Field(16, ge=1)
+    body_limits: BodyLimits = Field(default_factory=BodyLimits)
 
 
 def build_app(args: AppArgs) -> Application:
@@ -197,4 +235,5 @@ def build_app(args: AppArgs) -> Application:
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if args.model.startswith("models:/") and not tracking_uri:
         raise ValueError(f"{args.model}: a registry model needs tracking_uri (or $MLFLOW_TRACKING_URI)")
-    return ModelServer.options(user_config=pin_source(args.model, tracking_uri)).bind(args.max_batch_size)
+    user_config = pin_source(args.model, tracking_uri)
+    return ModelServer.options(user_config=user_config).bind(args.max_batch_size, args.body_limits.model_dump())

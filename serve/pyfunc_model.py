@@ -43,7 +43,8 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from serve.schemas import SampleRequest
-from serve.scoring import RequestError, answer
+from serve.errors import RequestError
+from serve.scoring import answer
 from trainables.models import SequenceModel
 from trainables.checkpoint import load_checkpoint
 

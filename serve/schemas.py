@@ -30,7 +30,13 @@ Frame = list[float]
 
 
 # Requests
-class SequencesRequest(BaseModel):
+class Request(BaseModel):
+    """Base of the request bodies: exactly their fields (any other is a 422)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SequencesRequest(Request):
     """The body of ``score``, ``decode`` and ``posterior`` for a model of sequences."""
 
     sequences: list[Annotated[list[Frame], Field(min_length=1)]] = Field(
@@ -42,7 +48,7 @@ class SequencesRequest(BaseModel):
     )
 
 
-class PointsRequest(BaseModel):
+class PointsRequest(Request):
     """The body of ``score``, ``decode`` and ``posterior`` for a model of points (a mixture)."""
 
     points: list[Frame] = Field(
@@ -50,7 +56,7 @@ class PointsRequest(BaseModel):
     )
 
 
-class SampleRequest(BaseModel):
+class SampleRequest(Request):
     """The body of ``sample`` (validated by this model, strictly: integers only)."""
 
     num_sequences: int = Field(ge=1, le=MAX_SEQUENCES, strict=True, description="how many draws")

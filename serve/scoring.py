@@ -11,31 +11,23 @@ where, e.g. ``sequences[3][17]: expected 88 values, got 87``.
 
 from __future__ import annotations
 
-import json
 import math
 import reprlib
 from itertools import chain
 from typing import Any, NamedTuple
 
 import numpy as np
+import orjson
 import torch
 from pydantic import ValidationError
 
 from trainables.models import SequenceModel
 
+from .errors import RequestError
 from .schemas import MAX_FRAMES, MAX_SEQUENCES, METHODS, SampleRequest, check_answer
 
 SCORE_SEED = 0  # particles of a likelihood bound (DMM) are drawn from this seed per request
 NUMBERS = frozenset({int, float})  # the types of JSON numbers (bool is not one)
-
-
-class RequestError(ValueError):
-    """A request the model cannot answer: ``status`` (4xx) and a ``detail`` for the caller."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 class Scores(NamedTuple):
@@ -46,11 +38,12 @@ class Scores(NamedTuple):
 
 
 def read_json(raw: bytes) -> Any:
-    """The JSON value of a request body; anything ``json`` cannot read (bad syntax, bad
-    UTF-8, nesting past the recursion limit, integers over 4,300 digits) is a 400."""
+    """The JSON value of a request body, read by ``orjson`` (4-10x ``json``'s speed);
+    anything it cannot read is a 400 that says where: bad syntax or UTF-8, nesting deeper
+    than 1,024, a number beyond float64 (``1e400``, a 400-digit integer), ``NaN``."""
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
         raise RequestError(400, f"body: malformed JSON ({error})") from None
 
 
@@ -113,6 +106,9 @@ def _items(body: Any, key: str, what: str) -> list:
         raise RequestError(400, f"body: expected a JSON object with {key!r}, got {type(body).__name__}")
     if key not in body:
         raise RequestError(422, f"{key}: missing (the body needs a list of {what})")
+    unknown = next((name for name in body if name != key), None)
+    if unknown is not None:
+        raise RequestError(422, f"{_shown(unknown)}: unknown field (a body for this model holds only {key!r})")
     items = body[key]
     if not isinstance(items, list) or not items:
         raise RequestError(422, f"{key}: expected a non-empty list of {what}")
@@ -210,7 +206,11 @@ def sample_request(model: SequenceModel, body: Any) -> SampleRequest:
     try:
         request = SampleRequest.model_validate(body)
     except ValidationError as error:
-        raise RequestError(422, _integer_problem(error.errors()[0]["loc"][0], body)) from None
+        problem = error.errors()[0]
+        if problem["type"] == "extra_forbidden":
+            known = list(SampleRequest.model_fields)
+            raise RequestError(422, f"{_shown(problem['loc'][0])}: unknown field (a sample body holds {known})") from None
+        raise RequestError(422, _integer_problem(problem["loc"][0], body)) from None
     if model.data_kind == "sequences":
         if request.length is None:
             raise RequestError(422, _integer_problem("length", body))
@@ -230,9 +230,8 @@ def _integer_problem(name: str, body: dict) -> str:
 
 
 @torch.no_grad()
-def sample(model: SequenceModel, body: Any) -> dict[str, Any]:
-    """A ``SampleRequest`` body -> the ``SampleAnswer``: ``sequences`` and ``states``."""
-    request = sample_request(model, body)
+def sample(model: SequenceModel, request: SampleRequest) -> dict[str, Any]:
+    """The ``SampleAnswer`` of a :func:`sample_request`: ``sequences`` and ``states``."""
     length = request.length if model.data_kind == "sequences" else None
     return _fields(model.sample(request.num_sequences, length, seed=request.seed), None)
 
@@ -241,7 +240,7 @@ def answer(model: SequenceModel, method: str, body: Any) -> dict[str, Any]:
     """The answer to ``method`` (score, decode, posterior, sample) for ``body``, checked
     against its model in :data:`serve.schemas.ANSWERS`."""
     if method == "sample":
-        return check_answer(method, sample(model, body))
+        return check_answer(method, sample(model, sample_request(model, body)))
     if method not in METHODS:
         raise RequestError(404, f"unknown method {method!r}; expected one of {list(METHODS)}")
     return check_answer(method, complete(model, method, compute(model, method, parse_inputs(model, body))))

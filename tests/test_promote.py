@@ -26,7 +26,8 @@ from cluster.sweep_file import load_sweep_file
 from cluster.mlflow_layout import PARENT_TAG, SweepTracker
 from serve.pyfunc_model import request_body
 from serve.registry import load_model_version, parse_model_uri, resolve_version
-from serve.scoring import RequestError, answer
+from serve.errors import RequestError
+from serve.scoring import answer
 from trainables.data import load_dataset
 from trainables.checkpoint import load_checkpoint
 
