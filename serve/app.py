@@ -64,6 +64,7 @@ MAX_ONGOING_REQUESTS = 1024  # per replica: a slow body waits here as a cheap co
 BATCH_WAIT_S = 0.0  # a batch takes what has queued while the previous one ran, never waits
 BATCH_FRAMES = 4096  # a larger request is computed alone: in a batch it would hold the small ones
 INLINE_BYTES = 256 * 1024  # a smaller body is parsed on the event loop (a thread hop costs more)
+INLINE_FRAMES = 512  # a smaller batch is computed on the event loop (a few ms at most)
 
 api = FastAPI(
     title="pyrosweep",
@@ -168,7 +169,8 @@ class ModelServer:
         for indices in groups.values():
             model, method = models[indices[0]], methods[indices[0]]
             joined = [item for i in indices for item in inputs[i]]
-            fields = await asyncio.to_thread(compute, model, method, joined)
+            inline = sum(map(len, joined)) <= INLINE_FRAMES  # a thread hop would cost more than it saves
+            fields = compute(model, method, joined) if inline else await asyncio.to_thread(compute, model, method, joined)
             start = 0
             for i in indices:
                 stop = start + len(inputs[i])

@@ -10,7 +10,8 @@
   within ``timeout_s`` (408), or the client closed the connection first (400, to nobody).
   Read by :func:`read_body` in the replica: Ray Serve forwards a request before its body
   has arrived, so a slow body waits there, as one cheap coroutine among the deployment's
-  ``max_ongoing_requests``.
+  ``max_ongoing_requests``. A small body that arrives at once is read ahead by the proxy
+  (:class:`BodyAhead`) and comes with the request: the replica need not call back for it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pydantic import Field
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trainables.declared import Declared
 
@@ -31,6 +32,9 @@ from .schemas import MAX_FRAMES
 MAX_HEADERS = 64
 MAX_HEADER_BYTES = 16 * 1024  # names, values and ": \r\n" of all headers together
 MAX_REQUEST_ID = 128
+MAX_BODY_AHEAD = 256 * 1024  # a body up to this long is read by the proxy and sent with the request
+SCOPE_BODY = "pyrosweep.body"
+AHEAD_WAIT_S = 1.0  # how long the proxy waits for such a body before passing it on as it comes
 
 # The most bytes one value takes in a body: "1.0, " for a binary model, a float64 written
 # in full ("-1.2345678901234567e-123, ") otherwise; each frame adds "[], ".
@@ -86,11 +90,43 @@ class HeaderGuard:
             await JSONResponse({"detail": problem}, status_code=431)(scope, receive, send)
 
 
+class BodyAhead:
+    """ASGI middleware of Serve's proxies: a body of at most ``MAX_BODY_AHEAD`` bytes (by
+    its ``Content-Length``) that arrives within ``AHEAD_WAIT_S`` is read in the proxy and
+    travels to the replica in the request's scope (``scope[SCOPE_BODY]``), which spares the
+    replica its call back to the proxy for it. A slower body goes on as it is (what came
+    so far replayed first): the replica reads the rest under its own limits."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        declared = dict(scope["headers"]).get(b"content-length", b"") if scope["type"] == "http" else b""
+        if not (declared.isdigit() and int(declared) <= MAX_BODY_AHEAD):
+            await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+        try:
+            async with asyncio.timeout(AHEAD_WAIT_S):
+                while not messages or messages[-1].get("more_body", False):
+                    messages.append(await receive())
+                    if messages[-1]["type"] == "http.disconnect":
+                        return  # the client left: nobody to answer
+        except TimeoutError:
+
+            async def replay() -> Message:
+                return messages.pop(0) if messages else await receive()
+
+            await self.app(scope, replay, send)
+            return
+        await self.app({**scope, SCOPE_BODY: b"".join(m.get("body", b"") for m in messages)}, receive, send)
+
+
 def proxy_middlewares() -> list[Middleware]:
     """The middlewares of Serve's HTTP proxies: Ray calls this in each proxy when
     ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` is ``serve.limits:proxy_middlewares``
     (``cluster.local_ray.PROXY_ENV``)."""
-    return [Middleware(HeaderGuard)]
+    return [Middleware(BodyAhead), Middleware(HeaderGuard)]
 
 
 async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
@@ -103,6 +139,8 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
             raise RequestError(400, f"content-length: expected a number of bytes, got {declared[:40]!r}")
         if int(declared) > max_bytes:
             raise RequestError(413, f"body: {declared} bytes; the limit is {max_bytes}")
+    if SCOPE_BODY in request.scope:  # read ahead by the proxy (BodyAhead), as long as declared
+        return request.scope[SCOPE_BODY]
     chunks, size = [], 0
     try:
         async with asyncio.timeout(timeout_s):
