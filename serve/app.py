@@ -14,8 +14,8 @@ request keeps the model it started with). ``score`` and ``decode`` requests of u
 queue is empty); every request is validated on its own first, so one bad request never
 fails its batch. A batched answer equals the answer alone within float32 rounding, not to
 the last bit (a batch's matrix products take other kernels than one sequence's): per-step
-and total log-likelihoods within ``4 eps`` of the sequence's ``sum |per_step|``,
-posterior marginals within ``32 eps``; decoded states are the same.
+and total log-likelihoods within ``4 eps`` of the sequence's ``sum |per_step|`` (measured:
+1.1 eps at most), and the same decoded states. ``posterior`` is never batched.
 
 What a request may be (headers, body bytes, the time to send a body) is
 :mod:`serve.limits`. Bodies of more than ``INLINE_BYTES`` are parsed, and requests of more
@@ -94,9 +94,10 @@ def _frames(model: torch.nn.Module, inputs: list[np.ndarray]) -> int:
     return sum(map(len, inputs)) if model.data_kind == "sequences" else len(inputs)
 
 
-def _written(method: str, answer: dict[str, Any]) -> Response:
-    """``answer`` as the JSON of ``method``'s answer model, the one its route declares."""
-    return Response(write_answer(method, answer), media_type="application/json")
+def _json(text: str) -> Response:
+    """A JSON answer already written (by ``serve.schemas.write_answer``: the answer model
+    its route declares)."""
+    return Response(text, media_type="application/json")
 
 
 @api.exception_handler(RequestError)
@@ -169,7 +170,7 @@ class ModelServer:
         for indices in groups.values():
             model, method = models[indices[0]], methods[indices[0]]
             joined = [item for i in indices for item in inputs[i]]
-            inline = sum(map(len, joined)) <= INLINE_FRAMES  # a thread hop would cost more than it saves
+            inline = _frames(model, joined) <= INLINE_FRAMES  # a thread hop would cost more than it saves
             fields = compute(model, method, joined) if inline else await asyncio.to_thread(compute, model, method, joined)
             start = 0
             for i in indices:
@@ -191,9 +192,8 @@ class ModelServer:
         model = self._current()
         inputs = await self._read(model, request, partial(parse_inputs, model))
         if batched and _frames(model, inputs) <= BATCH_FRAMES:
-            return _written(method, await self._batched(model, method, inputs))
-        written = await asyncio.to_thread(lambda: write_answer(method, complete(model, method, compute(model, method, inputs))))
-        return Response(written, media_type="application/json")
+            return _json(write_answer(method, await self._batched(model, method, inputs)))
+        return _json(await asyncio.to_thread(lambda: write_answer(method, complete(model, method, compute(model, method, inputs)))))
 
     @api.post("/v1/score", response_model=ScoreAnswer, responses=PROBLEMS, openapi_extra=INPUTS)
     async def score(self, request: Request) -> Response:
@@ -215,8 +215,7 @@ class ModelServer:
         """``num_sequences`` draws of ``length`` frames: ``sequences`` and ``states``."""
         model = self._current()
         body = await self._read(model, request, partial(sample_request, model))
-        return Response(await asyncio.to_thread(lambda: write_answer("sample", draw_samples(model, body))),
-                        media_type="application/json")
+        return _json(await asyncio.to_thread(lambda: write_answer("sample", draw_samples(model, body))))
 
 
 class AppArgs(BaseModel):
