@@ -335,7 +335,7 @@ def raw_http(port: int, head: str, body: bytes = b"", close_after: bool = False,
     None if the server closed the connection without one. ``close_after`` shuts the
     sending side at once, as a client that gives up mid-body."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
-        connection.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        connection.sendall(wire(head) + body)
         if close_after:
             connection.shutdown(socket.SHUT_WR)
         response = http.client.HTTPResponse(connection)
@@ -344,6 +344,11 @@ def raw_http(port: int, head: str, body: bytes = b"", close_after: bool = False,
         except (http.client.RemoteDisconnected, ConnectionResetError):
             return None
         return response.status, dict(response.getheaders()), response.read()
+
+
+def wire(head: str) -> bytes:
+    """``head`` as sent: CRLF line ends, and the empty line that ends the headers."""
+    return head.replace("\n", "\r\n").encode() + b"\r\n"
 
 
 def post_head(path: str, length: int | None, *extra: str) -> str:
@@ -387,17 +392,21 @@ def timed(function, *args) -> tuple[float, object]:
 
 
 def test_slow_bodies_do_not_starve_the_server(server):
-    """80 connections hold half-sent bodies (more than Serve's default of 64 ongoing
-    requests per replica) while ``/healthz`` and a small score keep answering."""
+    """80 connections hold half-sent bodies for 15 s (more than Serve's default of 64
+    ongoing requests per replica; a deployment that gives bodies 30 s to arrive, so all
+    80 stay pending) while ``/healthz`` and a small score keep answering."""
+    source = str(server["checkpoints"]["hmm"])
+    options = ServeOptions(model=source, tracking_uri="", body_limits=BodyLimits(timeout_s=30))
+    serve.run(deployment(options, {"source": source, "tracking_uri": ""}), name="patient", route_prefix="/patient")
     body, _ = request_inputs("hmm")
-    url = f"{server['base']}/hmm"
+    url = f"{server['base']}/patient"
     held = []
     for _ in range(80):
         connection = socket.create_connection(("127.0.0.1", server["port"]), timeout=30)
-        connection.sendall(post_head("/hmm/v1/score", 100).encode() + b"\r\n" + b'{"')
+        connection.sendall(wire(post_head("/patient/v1/score", 100)) + b'{"')
         held.append(connection)
     try:
-        deadline = time.time() + 8  # within the bodies' 10 s to arrive: all 80 still held
+        deadline = time.time() + 15
         while time.time() < deadline:
             for probe in (partial(get, f"{url}/healthz"), partial(post, f"{url}/v1/score", body)):
                 seconds, (status, _) = timed(probe)
@@ -405,6 +414,7 @@ def test_slow_bodies_do_not_starve_the_server(server):
     finally:
         for connection in held:
             connection.close()
+        serve.delete("patient")
 
 
 def test_a_large_request_does_not_hold_a_small_one(server):
