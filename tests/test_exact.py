@@ -15,10 +15,18 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Normal
 
+from trainables.inference import ENGINE_ENV
 from trainables.models import build_model
 
 RTOL, ATOL = 1e-9, 1e-10
 K_OF = {"hmm": 3, "arhmm": 2, "fhmm": 4, "pfhmm": 4, "hmm2": 2, "nnhmm": 3, "gaussian-hmm": 3}
+
+
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def engine(request, monkeypatch):
+    """Every test here on both paths of the engine (``trainables.inference``)."""
+    monkeypatch.setenv(ENGINE_ENV, request.param)
+    return request.param
 
 
 def bern(x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -190,3 +198,61 @@ def test_the_fast_backward_is_the_gradient_of_the_likelihood(batched):
     assert torch.autograd.gradcheck(
         lambda a, b, c: inference.log_likelihood(a, b, c, lengths), (log_init, log_trans, log_emit)
     )
+
+
+def test_the_compiled_and_pytorch_paths_agree_on_ragged_batches_with_restarts(engine):
+    """Restarts stacked as a batch dim (one transition matrix each) over ragged sequences:
+    log-likelihood, its gradient, marginals and Viterbi paths of both paths, float64."""
+    from trainables import inference
+
+    torch.manual_seed(3)
+    restarts, sequences, frames, states = 3, 5, 60, 4
+    log_init = torch.randn(restarts, 1, states, dtype=torch.float64).log_softmax(-1)
+    log_trans = torch.randn(restarts, 1, states, states, dtype=torch.float64).log_softmax(-1)
+    log_emit = torch.randn(restarts, sequences, frames, states, dtype=torch.float64) * 2
+    lengths = torch.randint(1, frames + 1, (sequences,))
+
+    def results(name: str):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv(ENGINE_ENV, name)
+            factors = [f.clone().requires_grad_(True) for f in (log_init, log_trans, log_emit)]
+            total = inference.log_likelihood(*factors, lengths)
+            grads = torch.autograd.grad(total.sum(), factors)
+            marginals = inference.posterior_marginals(log_init, log_trans, log_emit, lengths)
+            states_, joint = inference.viterbi(log_init, log_trans, log_emit, lengths)
+            return total.detach(), grads, marginals, states_, joint
+
+    compiled, reference = results("compiled"), results("torch")
+    torch.testing.assert_close(compiled[0], reference[0], rtol=1e-12, atol=1e-10)
+    for a, b in zip(compiled[1], reference[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(compiled[2], reference[2], rtol=1e-10, atol=1e-12)
+    assert torch.equal(compiled[3], reference[3])
+    torch.testing.assert_close(compiled[4], reference[4], rtol=1e-12, atol=1e-10)
+
+
+def test_a_100000_frame_sequence_is_scored_on_both_paths(engine):
+    from trainables import inference
+
+    torch.manual_seed(4)
+    frames, states = 100_000, 4
+    log_init = torch.randn(states, dtype=torch.float64).log_softmax(-1)
+    log_trans = torch.randn(states, states, dtype=torch.float64).log_softmax(-1)
+    log_emit = torch.randn(1, frames, states, dtype=torch.float64)
+    lengths = torch.tensor([frames])
+    steps = inference.log_likelihood_steps(log_init, log_trans, log_emit, lengths)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENGINE_ENV, "torch" if engine == "compiled" else "compiled")
+        other = inference.log_likelihood_steps(log_init, log_trans, log_emit, lengths)
+    torch.testing.assert_close(steps, other, rtol=1e-12, atol=1e-11)
+    assert steps.shape == (1, frames)
+
+
+def test_a_frame_no_state_can_emit_scores_minus_infinity(engine):
+    from trainables import inference
+
+    log_init = torch.tensor([0.5, 0.5]).log()
+    log_trans = torch.tensor([[0.9, 0.1], [0.2, 0.8]]).log()
+    log_emit = torch.tensor([[[-1.0, -2.0], [-math.inf, -math.inf]]])
+    steps = inference.log_likelihood_steps(log_init, log_trans, log_emit, torch.tensor([2]))
+    assert steps[0, 1].item() == -math.inf and math.isfinite(steps[0, 0].item())

@@ -17,13 +17,25 @@ The forward and backward recursions run in probability space, normalised at ever
 to log space, with a max shift around each matrix product, wherever a scale leaves the
 floating-point range; so they are fast, stable in float32 and exact to rounding in
 float64, on CPU and CUDA alike. Viterbi runs in log space.
+
+On the CPU, for up to ``MAX_COMPILED_STATES`` states, the same recursions run compiled
+(:mod:`trainables.compiled`: the loop over frames in machine code); ``PYROSWEEP_ENGINE``
+(``auto``, ``compiled``, ``torch``) forces one path, for benchmarks and debugging. The
+PyTorch path serves CUDA, larger state spaces, and gradients through the per-frame steps.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
+
+from . import compiled
+
+ENGINE_ENV = "PYROSWEEP_ENGINE"  # auto (the default), compiled or torch
+ENGINES = ("auto", "compiled", "torch")
+MAX_COMPILED_STATES = 64  # beyond, the batched matrix products of the PyTorch path win
 
 __all__ = [
     "frame_mask",
@@ -33,6 +45,24 @@ __all__ = [
     "sample_states",
     "viterbi",
 ]
+
+
+def engine() -> str:
+    """The engine ``PYROSWEEP_ENGINE`` asks for (``auto`` unless set)."""
+    choice = os.environ.get(ENGINE_ENV, "auto")
+    if choice not in ENGINES:
+        raise ValueError(f"{ENGINE_ENV}: expected one of {list(ENGINES)}, got {choice!r}")
+    return choice
+
+
+def _compiled(log_emit: torch.Tensor) -> bool:
+    """Whether the compiled path runs for factors like ``log_emit``: on the CPU with up to
+    ``MAX_COMPILED_STATES`` states (``auto``), always (``compiled``) or never (``torch``)."""
+    choice = engine()
+    on_cpu = log_emit.device.type == "cpu"
+    if choice == "compiled" and not on_cpu:
+        raise ValueError(f"{ENGINE_ENV}=compiled runs on the CPU only; these factors are on {log_emit.device}")
+    return choice == "compiled" or (choice == "auto" and on_cpu and log_emit.size(-1) <= MAX_COMPILED_STATES)
 
 
 def frame_mask(lengths: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -233,12 +263,38 @@ class _ExactLogLikelihood(torch.autograd.Function):
                 log_alphas, steps = _filter(log_init, log_trans, log_emit, lengths)
                 first, second = torch.stack(log_alphas, -2), steps
             expected = _log_expectations(log_trans, log_emit, mask, first, second)
-        marginals, counts = expected
-        scale = grad_total.unsqueeze(-1)
-        grad_init = _sum_to(marginals[..., 0, :] * scale, log_init.shape)
-        grad_trans = _sum_to(counts * scale.unsqueeze(-1), log_trans.shape)
-        grad_emit = _sum_to(marginals * scale.unsqueeze(-1), log_emit.shape)
-        return grad_init, grad_trans, grad_emit, None
+        return (*_gradients(grad_total, *expected, log_init.shape, log_trans.shape, log_emit.shape), None)
+
+
+def _gradients(grad_total, marginals, counts, init_shape, trans_shape, emit_shape):
+    """The gradients of ``log p(x)`` ``(...)`` with respect to ``log_init``, ``log_trans``
+    and ``log_emit``: the marginals of the first frame, the expected counts, the marginals,
+    each times ``grad_total`` and summed back to its factor's shape."""
+    scale = grad_total.unsqueeze(-1)
+    return (
+        _sum_to(marginals[..., 0, :] * scale, init_shape),
+        _sum_to(counts * scale.unsqueeze(-1), trans_shape),
+        _sum_to(marginals * scale.unsqueeze(-1), emit_shape),
+    )
+
+
+class _CompiledLogLikelihood(torch.autograd.Function):
+    """``log p(x)`` by :func:`trainables.compiled.forward_backward`: the expected counts
+    for the backward pass come from the same compiled pass, when a gradient is needed."""
+
+    @staticmethod
+    def forward(ctx, log_init, log_trans, log_emit, lengths):
+        backward = any(ctx.needs_input_grad[:3])
+        steps, marginals, counts = compiled.forward_backward(log_init, log_trans, log_emit, lengths, backward)
+        if backward:
+            ctx.save_for_backward(marginals, counts)
+            ctx.shapes = log_init.shape, log_trans.shape, log_emit.shape
+        return steps.sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        marginals, counts = ctx.saved_tensors
+        return (*_gradients(grad_total, marginals, counts, *ctx.shapes), None)
 
 
 def log_likelihood_steps(
@@ -253,6 +309,9 @@ def log_likelihood_steps(
         ``log p(x_{0:length})``. Differentiable (autograd through the recursion) with
         respect to all three factors.
     """
+    differentiable = torch.is_grad_enabled() and any(f.requires_grad for f in (log_init, log_trans, log_emit))
+    if _compiled(log_emit) and not differentiable:
+        return compiled.forward_backward(log_init, log_trans, log_emit, lengths, backward=False)[0]
     mask = frame_mask(lengths, log_emit.size(-2)).unsqueeze(-1)
     scaled = _scaled_filter(log_init, log_trans, log_emit, mask)
     return scaled[2] if scaled is not None else _filter(log_init, log_trans, log_emit, lengths)[1]
@@ -267,7 +326,8 @@ def log_likelihood(
     """The exact ``log p(x_{0:length})`` ``(...)``, the sum of :func:`log_likelihood_steps`,
     with a hand-written backward pass (expected counts; measured faster than autograd
     through the recursion). Use this for training; the steps for per-frame answers."""
-    return _ExactLogLikelihood.apply(log_init, log_trans, log_emit, lengths)
+    function = _CompiledLogLikelihood if _compiled(log_emit) else _ExactLogLikelihood
+    return function.apply(log_init, log_trans, log_emit, lengths)
 
 
 def posterior_marginals(
@@ -283,6 +343,8 @@ def posterior_marginals(
 
     :returns: ``(..., T, S)``; rows sum to 1 at real frames and are zero at padding.
     """
+    if _compiled(log_emit):
+        return compiled.forward_backward(log_init, log_trans, log_emit, lengths)[1]
     with torch.enable_grad():
         log_emit = log_emit.detach().requires_grad_(True)
         total = log_likelihood(log_init.detach(), log_trans.detach(), log_emit, lengths)
@@ -301,6 +363,8 @@ def viterbi(
     :returns: ``states`` ``(..., T)`` int64 with ``-1`` at padded frames, and
         ``log_joint`` ``(...)``, the joint ``log p(z*, x)`` of that path.
     """
+    if _compiled(log_emit):
+        return compiled.viterbi(log_init, log_trans, log_emit, lengths)
     num_frames = log_emit.size(-2)
     mask = frame_mask(lengths, num_frames)
     score = log_init + log_emit[..., 0, :]
