@@ -7,7 +7,8 @@ flattened to ``B`` sequences; a transition matrix shared by all of them is passe
 The forward-backward pass runs in scaled probability space (Rabiner's scaling) and,
 for a sequence where a scale leaves the floating-point range, again in log space, as
 the PyTorch path does. float32 and float64 are compiled apart (``cache=True`` keeps the
-machine code between processes).
+machine code between processes); the kernels release the GIL (a Serve replica's event
+loop runs while a large request is computed in a worker thread).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numba
 import numpy as np
 import torch
 
-JIT = {"cache": True}
+JIT = {"cache": True, "nogil": True}  # no Python objects inside: other threads run meanwhile
 
 
 @numba.njit(**JIT)
