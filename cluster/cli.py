@@ -321,7 +321,8 @@ def build_parser(tokens: Sequence[str] = ()) -> argparse.ArgumentParser:
                         help="seconds a client has to send its whole body (408 after)")
     served.add_argument("--request-timeout-s", type=float, default=None,
                         help="Serve's end-to-end limit on one request, answer included (408; default: none)")
-    served.add_argument("--keep-alive-timeout-s", type=int, default=90, help="how long an idle connection stays open")
+    served.add_argument("--keep-alive-timeout-s", type=int, default=None,
+                        help="how long an idle connection stays open (default: Serve's, 90 s)")
     served.set_defaults(run=cmd_serve)
 
     swapped = commands.add_parser("swap", help="move a running `pyrosweep serve` to its alias's current version")

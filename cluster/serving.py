@@ -42,10 +42,10 @@ class ServeOptions:
     # where Serve runs HTTP proxies: "EveryNode" (Ray's default) or "HeadOnly"
     proxy_location: str = "EveryNode"
     body_limits: BodyLimits = field(default_factory=BodyLimits)
-    # Serve's own HTTP options: a whole request's time limit (a 408 from the proxy; none by
-    # default), and how long an idle keep-alive connection stays open
+    # Serve's own HTTP options, None for Serve's defaults: a whole request's time limit (a
+    # 408 from the proxy; none), how long an idle keep-alive connection stays open (90 s)
     request_timeout_s: float | None = None
-    keep_alive_timeout_s: int = 90  # Serve's default: longer than a load balancer's idle timeout
+    keep_alive_timeout_s: int | None = None
 
 
 def pid_file(port: int) -> Path:
@@ -66,13 +66,10 @@ def deployment(options: ServeOptions, user_config: dict[str, Any]):
 
 
 def http_options(options: ServeOptions) -> dict[str, Any]:
-    """Serve's ``http_options`` for ``options``: where its proxies listen, and their timeouts."""
-    return {
-        "host": options.host,
-        "port": options.port,
-        "request_timeout_s": options.request_timeout_s,
-        "keep_alive_timeout_s": options.keep_alive_timeout_s,
-    }
+    """Serve's ``http_options`` for ``options``: where its proxies listen, and the timeouts
+    that are set (Serve's own defaults for the others)."""
+    timeouts = {"request_timeout_s": options.request_timeout_s, "keep_alive_timeout_s": options.keep_alive_timeout_s}
+    return {"host": options.host, "port": options.port, **{k: v for k, v in timeouts.items() if v is not None}}
 
 
 def _run(options: ServeOptions, user_config: dict[str, Any]) -> None:

@@ -23,6 +23,12 @@ JIT = {"cache": True, "nogil": True}  # no Python objects inside: other threads 
 
 
 @numba.njit(**JIT)
+def _row(array, b):
+    """Sequence ``b``'s row of ``array``: its own, or the one all sequences share."""
+    return array[b if array.shape[0] > 1 else 0]
+
+
+@numba.njit(**JIT)
 def _log_forward_backward(log_init, log_trans, log_emit, length, backward, steps, marginals, counts):
     """One sequence in log space: fills ``steps`` (T,) and, with ``backward``,
     ``marginals`` (T, S) and ``counts`` (S, S) of frames ``< length``; exact at any range."""
@@ -92,8 +98,7 @@ def _forward_backward(log_init, log_trans, log_emit, lengths, backward, steps, m
     beta = np.empty(S, log_emit.dtype)
     later = np.empty(S, log_emit.dtype)
     for b in range(B):
-        init = log_init[b if log_init.shape[0] > 1 else 0]
-        trans = trans_all[b if trans_all.shape[0] > 1 else 0]
+        init, trans = _row(log_init, b), _row(trans_all, b)
         length = lengths[b]
         exact = True
         for t in range(length):
@@ -136,8 +141,7 @@ def _forward_backward(log_init, log_trans, log_emit, lengths, backward, steps, m
                     exact = False
                     break
         if not exact:
-            _log_forward_backward(init, log_trans[b if log_trans.shape[0] > 1 else 0], log_emit[b], length,
-                                  backward, steps[b], marginals[b], counts[b])
+            _log_forward_backward(init, _row(log_trans, b), log_emit[b], length, backward, steps[b], marginals[b], counts[b])
 
 
 @numba.njit(**JIT)
@@ -148,8 +152,7 @@ def _viterbi(log_init, log_trans, log_emit, lengths, states, log_joint):
     best = np.empty(S, log_emit.dtype)
     pointers = np.empty((T, S), np.int64)
     for b in range(B):
-        init = log_init[b if log_init.shape[0] > 1 else 0]
-        trans = log_trans[b if log_trans.shape[0] > 1 else 0]
+        init, trans = _row(log_init, b), _row(log_trans, b)
         for j in range(S):
             score[j] = init[j] + log_emit[b, 0, j]
         for t in range(1, lengths[b]):
