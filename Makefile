@@ -23,7 +23,9 @@ demo: install
 test: install
 	$(PY) -m pytest
 
+# the peers only the benchmarks compare with (jax, dynamax: the bench extra) join the venv here
 bench: install
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench]"
 	@for script in bench/bench_*.py; do $(PY) $$script || exit 1; done
 
 clean:

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from trainables.inference import ENGINE_ENV
+
 
 @pytest.fixture(scope="session", autouse=True)
 def jsb_cache(tmp_path_factory):
@@ -25,3 +27,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def engine(request, monkeypatch):
+    """A test on both paths of the engine (``trainables.inference``): the compiled CPU
+    recursions and the PyTorch reference."""
+    monkeypatch.setenv(ENGINE_ENV, request.param)
+    return request.param

@@ -22,11 +22,7 @@ RTOL, ATOL = 1e-9, 1e-10
 K_OF = {"hmm": 3, "arhmm": 2, "fhmm": 4, "pfhmm": 4, "hmm2": 2, "nnhmm": 3, "gaussian-hmm": 3}
 
 
-@pytest.fixture(autouse=True, params=["compiled", "torch"])
-def engine(request, monkeypatch):
-    """Every test here on both paths of the engine (``trainables.inference``)."""
-    monkeypatch.setenv(ENGINE_ENV, request.param)
-    return request.param
+pytestmark = pytest.mark.usefixtures("engine")  # every test here on both paths (conftest)
 
 
 def bern(x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -256,3 +252,18 @@ def test_a_frame_no_state_can_emit_scores_minus_infinity(engine):
     log_emit = torch.tensor([[[-1.0, -2.0], [-math.inf, -math.inf]]])
     steps = inference.log_likelihood_steps(log_init, log_trans, log_emit, torch.tensor([2]))
     assert steps[0, 1].item() == -math.inf and math.isfinite(steps[0, 0].item())
+
+
+def test_the_gaussian_emission_and_its_gradient_on_each_path():
+    """Diagonal Gaussian log-densities of frames under restarts' states (scales shared by
+    the restarts, so broadcast) against ``torch.distributions.Normal``, and their gradient
+    with respect to means and scales against numerical gradients."""
+    from trainables.models.gaussian_hmm import gaussian_log_probs
+
+    torch.manual_seed(5)
+    x = torch.randn(3, 4, 2, dtype=torch.float64)
+    means = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+    scales = (torch.rand(3, 2, dtype=torch.float64) + 0.5).requires_grad_()
+    expected = Normal(means[:, None, None], scales).log_prob(x[None, :, :, None, :]).sum(-1)
+    torch.testing.assert_close(gaussian_log_probs(x, means, scales), expected, rtol=RTOL, atol=ATOL)
+    assert torch.autograd.gradcheck(lambda m, s: gaussian_log_probs(x, m, s), (means, scales))

@@ -48,7 +48,7 @@ def steps_total(log_init, log_trans, log_emit, lengths):
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_the_scaled_recursions_give_the_log_space_numbers(dtype, rtol):
+def test_the_scaled_recursions_give_the_log_space_numbers(dtype, rtol, engine):
     factors = random_factors(dtype)
     mask = inference.frame_mask(factors[3], 7).unsqueeze(-1)
     assert inference._scaled_filter(*factors[:3], mask) is not None  # the fast path ran
@@ -75,7 +75,7 @@ def two_tracks(log_init_0: float, emit_0: float, emit_rest: float):
 
 
 @pytest.mark.parametrize("case", ["forward", "backward"])
-def test_out_of_range_probabilities_fall_back_to_log_space(case):
+def test_out_of_range_probabilities_fall_back_to_log_space(case, engine):
     """Where float32 probabilities leave the range the log-space path answers: a frame
     only the unlikely state explains (a forward scale ~e^-80), or a future that only an
     unlikely state explains over several frames (a backward beta ~e^80)."""

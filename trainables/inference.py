@@ -55,14 +55,20 @@ def engine() -> str:
     return choice
 
 
-def _compiled(log_emit: torch.Tensor) -> bool:
-    """Whether the compiled path runs for factors like ``log_emit``: on the CPU with up to
-    ``MAX_COMPILED_STATES`` states (``auto``), always (``compiled``) or never (``torch``)."""
+def compiled_on(device: torch.device, num_states: int = 1) -> bool:
+    """Whether the compiled path runs for factors on ``device`` over ``num_states`` states:
+    on the CPU with up to ``MAX_COMPILED_STATES`` states (``auto``), always (``compiled``)
+    or never (``torch``)."""
     choice = engine()
-    on_cpu = log_emit.device.type == "cpu"
+    on_cpu = device.type == "cpu"
     if choice == "compiled" and not on_cpu:
-        raise ValueError(f"{ENGINE_ENV}=compiled runs on the CPU only; these factors are on {log_emit.device}")
-    return choice == "compiled" or (choice == "auto" and on_cpu and log_emit.size(-1) <= MAX_COMPILED_STATES)
+        raise ValueError(f"{ENGINE_ENV}=compiled runs on the CPU only; these factors are on {device}")
+    return choice == "compiled" or (choice == "auto" and on_cpu and num_states <= MAX_COMPILED_STATES)
+
+
+def _compiled(log_emit: torch.Tensor) -> bool:
+    """Whether the compiled recursions run for ``log_emit`` ``(..., T, S)``."""
+    return compiled_on(log_emit.device, log_emit.size(-1))
 
 
 def frame_mask(lengths: torch.Tensor, num_frames: int) -> torch.Tensor:

@@ -9,7 +9,8 @@ import torch
 from pydantic import Field
 from pyro import distributions as dist
 
-from ..inference import frame_mask
+from ..compiled import diagonal_gaussian
+from ..inference import compiled_on, frame_mask
 from .hmm_base import ChainHyperparameters, HMMFamily
 from .parts import sticky_simplex, uniform_simplex
 
@@ -18,9 +19,15 @@ def gaussian_log_probs(x: torch.Tensor, means: torch.Tensor, scales: torch.Tenso
     """Diagonal Gaussian log-density of every frame under every state.
 
     :param x: ``(..., D)`` frames (any leading shape, e.g. ``(N, T)``).
-    :param means: ``(B..., S, D)``; ``scales``: ``(B..., S, D)`` standard deviations.
-    :returns: ``(B..., ..., S)``.
+    :param means: ``(B..., S, D)``; ``scales``: ``(B..., S, D)`` standard deviations (the
+        two broadcast against each other).
+    :returns: ``(B..., ..., S)``. On the compiled path (:func:`inference.compiled_on`)
+        without the ``(B..., ..., S, D)`` intermediate; differentiable in ``means`` and
+        ``scales`` on both.
     """
+    means, scales = torch.broadcast_tensors(means, scales)
+    if compiled_on(x.device) and not x.requires_grad and x.dtype in (torch.float32, torch.float64):
+        return diagonal_gaussian(x, means, scales)
     batch = means.shape[:-2]
     means = means.reshape(*batch, *[1] * (x.dim() - 1), *means.shape[-2:])
     scales = scales.reshape(means.shape)
