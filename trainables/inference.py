@@ -303,6 +303,11 @@ class _CompiledLogLikelihood(torch.autograd.Function):
         return (*_gradients(grad_total, marginals, counts, *ctx.shapes), None)
 
 
+def _differentiable(*factors: torch.Tensor) -> bool:
+    """Whether autograd will ask for a gradient of these factors."""
+    return torch.is_grad_enabled() and any(factor.requires_grad for factor in factors)
+
+
 def log_likelihood_steps(
     log_init: torch.Tensor,
     log_trans: torch.Tensor,
@@ -315,8 +320,7 @@ def log_likelihood_steps(
         ``log p(x_{0:length})``. Differentiable (autograd through the recursion) with
         respect to all three factors.
     """
-    differentiable = torch.is_grad_enabled() and any(f.requires_grad for f in (log_init, log_trans, log_emit))
-    if _compiled(log_emit) and not differentiable:
+    if _compiled(log_emit) and not _differentiable(log_init, log_trans, log_emit):
         return compiled.forward_backward(log_init, log_trans, log_emit, lengths, backward=False)[0]
     mask = frame_mask(lengths, log_emit.size(-2)).unsqueeze(-1)
     scaled = _scaled_filter(log_init, log_trans, log_emit, mask)
@@ -332,8 +336,11 @@ def log_likelihood(
     """The exact ``log p(x_{0:length})`` ``(...)``, the sum of :func:`log_likelihood_steps`,
     with a hand-written backward pass (expected counts; measured faster than autograd
     through the recursion). Use this for training; the steps for per-frame answers."""
-    function = _CompiledLogLikelihood if _compiled(log_emit) else _ExactLogLikelihood
-    return function.apply(log_init, log_trans, log_emit, lengths)
+    if not _compiled(log_emit):
+        return _ExactLogLikelihood.apply(log_init, log_trans, log_emit, lengths)
+    if not _differentiable(log_init, log_trans, log_emit):  # scoring: no autograd Function to set up
+        return compiled.forward_backward(log_init, log_trans, log_emit, lengths, backward=False)[0].sum(-1)
+    return _CompiledLogLikelihood.apply(log_init, log_trans, log_emit, lengths)
 
 
 def posterior_marginals(

@@ -130,6 +130,8 @@ class MapModel(SequenceModel):
         # dtype and device of the priors, moved by .to() / .double() with the module
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
         self._setup_guide()
+        #: the prior sites, once: building the priors to name them cost a scoring call 20%
+        self.parameter_names = tuple(self.priors())
 
     def priors(self) -> dict[str, Distribution]:
         """Site name -> prior; build them on ``self._anchor``'s dtype and device."""
@@ -167,7 +169,7 @@ class MapModel(SequenceModel):
 
     def map_values(self) -> dict[str, torch.Tensor]:
         """The current MAP parameters, constrained and differentiable."""
-        return {name: getattr(self.map_guide, name) for name in self.priors()}
+        return {name: getattr(self.map_guide, name) for name in self.parameter_names}
 
     def get_parameters(self) -> dict[str, torch.Tensor]:
         """The current parameters as plain (detached) tensors, in probability space."""
@@ -230,7 +232,7 @@ class MapModel(SequenceModel):
 
     def unconstrained(self) -> dict[str, torch.nn.Parameter]:
         """The guide's learnable tensors: every prior site's value in unconstrained space."""
-        return {name: getattr(self.map_guide, f"{name}_unconstrained") for name in self.priors()}
+        return {name: getattr(self.map_guide, f"{name}_unconstrained") for name in self.parameter_names}
 
     def constrain(self, unconstrained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Parameters from unconstrained tensors with any leading batch shape ``(...)``, by
