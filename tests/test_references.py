@@ -11,26 +11,31 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from scipy.stats import multivariate_normal
 
 from trainables.models import build_model
-from trainables.models.classic import classic_gmm_model, classic_hmm_model
+from trainables.models.classic import classic_gmm_model, classic_hmm_model, classic_nnhmm_model
+
+CLASSIC = {"hmm": classic_hmm_model, "nnhmm": classic_nnhmm_model}
 
 
-def random_hmm(dtype, seed=0, N=7, T=12, D=6, K=4):
+def random_hmm(dtype, seed=0, N=7, T=12, D=6, K=4, family="hmm"):
     torch.manual_seed(seed)
     x = (torch.rand(N, T, D) < 0.3).to(dtype)
     lengths = torch.randint(1, T + 1, (N,))
     lengths[0] = T
-    model = build_model("hmm", data_dim=D, hidden_dim=K).to(dtype)
+    model = build_model(family, data_dim=D, hidden_dim=K).to(dtype)
     model.set_parameters(**model.init_parameters(x, lengths, torch.Generator().manual_seed(seed)))
     return model, x, lengths
 
 
+@pytest.mark.parametrize("family", list(CLASSIC))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_hmm_loss_and_gradients_equal_classic_trace_enum(dtype):
-    model, x, lengths = random_hmm(dtype)
+def test_hmm_loss_and_gradients_equal_classic_trace_enum(dtype, family):
+    """``hmm`` against examples/hmm.py's model_1, ``nnhmm`` (its network's weights too)
+    against model_5."""
+    model, x, lengths = random_hmm(dtype, family=family)
     ours = Trace_ELBO().differentiable_loss(model.model, model.guide, x, lengths, scale=3.0)
     ours_grads = torch.autograd.grad(ours, list(model.parameters()))
     classic = TraceEnum_ELBO(max_plate_nesting=2).differentiable_loss(
-        classic_hmm_model(model), model.guide, x, lengths, scale=3.0
+        CLASSIC[family](model), model.guide, x, lengths, scale=3.0
     )
     classic_grads = torch.autograd.grad(classic, list(model.parameters()))
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
