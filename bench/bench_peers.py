@@ -30,6 +30,7 @@ from common import best_time, machine, setup_threads
 from hmmlearn.hmm import GaussianHMM
 
 from trainables import inference
+from trainables.engines import ENGINE_ENV
 from trainables.models.gaussian_hmm import gaussian_log_probs
 
 SHAPES = {"a": (200, 500, 8, 4), "b": (16, 10_000, 4, 2)}
@@ -120,7 +121,7 @@ def main() -> None:
         }
         times = {(method, "hmmlearn"): best_time(call, REPEATS) * 1e3 for method, call in theirs.items()}
         for engine in ("compiled", "torch"):
-            os.environ[inference.ENGINE_ENV] = engine
+            os.environ[ENGINE_ENV] = engine
             for bits, dtype in ((64, torch.float64), (32, torch.float32)):
                 for method, call in ours(model, x, dtype).items():
                     times[method, f"{engine}{bits}"] = best_time(call, REPEATS) * 1e3
@@ -128,7 +129,7 @@ def main() -> None:
         for bits in (64, 32) if with_dynamax else ():
             for method, (best, compiling) in dynamax(model, x, bits).items():
                 times[method, f"dynamax{bits}"], compile_s[method, bits] = best * 1e3, compiling
-        os.environ[inference.ENGINE_ENV] = "compiled"
+        os.environ[ENGINE_ENV] = "compiled"
         gap = abs(float(ours(model, x, torch.float64)["score"]().sum()) - model.score(flat, lengths))
         for method in theirs:
             row = {name: times[method, name] for name in columns}

@@ -17,6 +17,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
+from trainables.engines import ENGINE_ENV, ENGINES
+
 from .console import log_file, print_table, quiet_environment, setup_logging
 from .home import tracking_uri
 from .local_ray import prepare_local_ray
@@ -238,6 +240,10 @@ def build_parser(tokens: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show the logs of Ray, Tune, Serve and MLflow as they come (they always go to the log file)")
+    parser.add_argument("--engine", choices=ENGINES, default=None,
+                        help=f"force a path of the exact engine in this command, its trials and replicas "
+                             f"(${ENGINE_ENV}; default auto: compiled on the CPU, the parallel scan for long "
+                             f"sequences on a GPU, else the PyTorch recursions)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="list and prepare data sets")
@@ -349,6 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(tokens).parse_args(tokens)
     # no tqdm bars for every small artifact download (inherited by local Ray workers)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if args.engine:  # read by every process of this command: local Ray workers inherit it, clusters get it in the runtime env
+        os.environ[ENGINE_ENV] = args.engine
     if args.command in LOGGED_COMMANDS:
         quiet_environment()  # before the command imports Ray or MLflow
     if args.command in LOCAL_RAY_COMMANDS and not (getattr(args, "address", None) or getattr(args, "dry_run", False)):

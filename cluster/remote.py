@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 import cluster
 import serve
 import trainables
+from trainables.engines import ENGINE_ENV
 
 from . import console
 
@@ -41,6 +42,8 @@ def runtime_env(tracking_uri: str | None) -> dict[str, Any]:
     env_vars = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", **console.QUIET_ENV}
     if tracking_uri:
         env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
+    if os.environ.get(ENGINE_ENV):  # pyrosweep --engine
+        env_vars[ENGINE_ENV] = os.environ[ENGINE_ENV]
     return {
         "py_modules": [str(Path(package.__file__).parent) for package in PROJECT_PACKAGES],
         "env_vars": env_vars,

@@ -90,6 +90,8 @@ class MLflowTrialLogger(tune.Callback):
         metrics = [Metric(k, float(result[k]), now, step) for k in EPOCH_METRICS if k in result]
         metrics.append(Metric("epoch", float(step), now, step))
         tags = [RunTag("ray.node_id", str(result.get("node_id", ""))), RunTag("hostname", str(result.get("hostname", "")))]
+        if "engine" in result:  # the engine's path: compiled, torch or scan (pyrosweep --engine)
+            tags.append(RunTag("engine", str(result["engine"])))
         self.tracker.client.log_batch(run_id, metrics=metrics, tags=tags)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:

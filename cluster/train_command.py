@@ -94,7 +94,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from trainables.data import load_argument
     from trainables.models import FAMILIES, family_class
     from trainables.settings import TrainConfig
-    from trainables.svi import evaluate_nll, train
+    from trainables.svi import engine_path, evaluate_nll, resolve_device, train
 
     declaration = family_class(args.model).hyperparameters
     every_hparam = {name for cls in FAMILIES.values() for name in cls.hyperparameters.model_fields}
@@ -107,8 +107,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     dataset = load_argument(args.data, max_chorales=args.max_chorales)
     model = family_class(args.model)(dataset.data_dim, **hparams)
     shown = ", ".join(f"{key}={value}" for key, value in _given(args, declaration.model_fields).items())
+    path = engine_path(model, dataset.splits["train"], resolve_device(config.device))
     print(f"training {args.model} ({shown or 'declared defaults'}) on {dataset.name}: "
-          f"{config.epochs} epochs, batch {config.batch_size}, lr {config.lr}, best of {config.screen} inits")
+          f"{config.epochs} epochs, batch {config.batch_size}, lr {config.lr}, best of {config.screen} inits"
+          + (f", engine {path}" if path else ""))
 
     def report(record, _model) -> None:
         print(f"epoch {record.epoch:3d}  train loss {record.train_loss:.4f}  "

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trainables.inference import ENGINE_ENV
+from trainables.engines import ENGINE_ENV
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,9 +29,9 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(params=["compiled", "torch"])
+@pytest.fixture(params=["compiled", "torch", "scan"])
 def engine(request, monkeypatch):
-    """A test on both paths of the engine (``trainables.inference``): the compiled CPU
-    recursions and the PyTorch reference."""
+    """A test on every path of the engine (``trainables.inference``): the compiled CPU
+    recursions, the sequential PyTorch reference and the parallel scan."""
     monkeypatch.setenv(ENGINE_ENV, request.param)
     return request.param

@@ -51,5 +51,22 @@ def test_train_prints_nll_per_split_and_writes_a_checkpoint(tmp_path):
              if line.split()[:1] in (["train"], ["valid"], ["test"]) and len(line.split()) == 2}
     assert set(table) == {"train", "valid", "test"}
     assert all(np.isfinite(v) for v in table.values())
+    assert result.stdout.splitlines()[0].endswith("engine compiled")
     checkpoint = tmp_path / "checkpoints" / "gaussian-hmm-synthetic-gaussian-hmm"
     assert (checkpoint / "model.pt").exists() and (checkpoint / "config.json").exists()
+
+
+def test_the_engine_flag_forces_a_path_and_gives_the_same_numbers(tmp_path):
+    """``--engine torch`` trains on the PyTorch recursions: same NLLs as the compiled path
+    to float32 rounding (the same seeded run on both)."""
+    runs = {}
+    for engine in ("compiled", "torch"):
+        result = pyrosweep(
+            "--engine", engine, "train", "--model", "hmm", "--data", "synthetic-hmm", "--hidden-dim", "3",
+            "--epochs", "2", "--out", str(tmp_path / engine), home=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[0].endswith(f"engine {engine}")
+        runs[engine] = [float(line.split()[1]) for line in result.stdout.splitlines()
+                        if line.split()[:1] in (["train"], ["valid"], ["test"]) and len(line.split()) == 2]
+    assert np.allclose(runs["compiled"], runs["torch"], rtol=1e-4)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Normal
 
-from trainables.inference import ENGINE_ENV
+from trainables.engines import ENGINE_ENV
 from trainables.models import build_model
 
 RTOL, ATOL = 1e-9, 1e-10

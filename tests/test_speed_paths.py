@@ -1,7 +1,8 @@
 """The fast paths give the reference paths' numbers.
 
 - the engine's scaled probability-space recursions against its log-space ones (and their
-  fall-back where probabilities leave the floating-point range);
+  fall-back where probabilities leave the floating-point range), and its parallel scan
+  against the sequential recursion;
 - the MAP families' direct training loss against Pyro's ``Trace_ELBO``;
 - restarts trained as one batched model against the same runs one after another, alone
   (through a real Tune trial: tests/test_sweep.py).
@@ -14,7 +15,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from test_exact import FAMILIES, make_model
 
-from trainables import inference
+from trainables import inference, scan
 from trainables.data import Dataset, Split, load_dataset
 from trainables.models import build_model
 from trainables.settings import TrainConfig
@@ -93,6 +94,44 @@ def test_out_of_range_probabilities_fall_back_to_log_space(case, engine):
     for function in (inference.log_likelihood, steps_total):
         for fast, exact in zip(value_and_grads(function, factors), reference):
             torch.testing.assert_close(fast.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_parallel_scan_gives_the_sequential_numbers(dtype):
+    """The scan's steps and their gradient (ragged lengths, restarts broadcast) against
+    autograd through the log-space recursion in float64; it computes in float64 whatever
+    the factors' dtype, so float32 factors get the float64 answer rounded once."""
+    factors = random_factors(dtype, spread=3.0)
+    reference = value_and_grads(log_space, [f.double() for f in factors[:3]] + [factors[3]])
+    steps = scan.log_likelihood_steps(*factors)
+    assert steps is not None and steps.dtype == dtype  # it answered: no fall-back
+    rtol = 1e-12 if dtype == torch.float64 else torch.finfo(dtype).eps
+    torch.testing.assert_close(steps.double(), inference._filter(*[f.double() for f in factors[:3]], factors[3])[1],
+                               rtol=rtol, atol=rtol)
+    scanned = value_and_grads(lambda *f: scan.log_likelihood_steps(*f).sum(-1), factors)
+    for fast, exact in zip(scanned, reference):
+        torch.testing.assert_close(fast.double(), exact, rtol=rtol * 10, atol=rtol * 10)
+
+
+def test_the_scan_of_a_long_sequence_and_where_it_declines():
+    """3,000 frames: 12 rounds of products; then transitions e^-800 apart (beyond float64's
+    range in one product), where the scan declines and the engine's scan path answers by
+    the sequential recursion instead."""
+    torch.manual_seed(6)
+    log_init = torch.randn(4, dtype=torch.float64).log_softmax(-1)
+    log_trans = torch.randn(4, 4, dtype=torch.float64).log_softmax(-1)
+    log_emit = torch.randn(2, 3000, 4, dtype=torch.float64)
+    lengths = torch.tensor([3000, 1777])
+    sequential = inference._filter(log_init, log_trans, log_emit, lengths)[1]
+    torch.testing.assert_close(scan.log_likelihood_steps(log_init, log_trans, log_emit, lengths), sequential,
+                               rtol=1e-12, atol=1e-9)
+    far = torch.full((4, 4), -800.0, dtype=torch.float64)
+    far[1:, 1:], far[0, 0] = 0.0, 0.0
+    factors = (torch.tensor([0.0, -800.0, -800.0, -800.0], dtype=torch.float64), far, log_emit[:, :40], torch.tensor([40, 9]))
+    assert scan.log_likelihood_steps(*factors) is None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(inference.ENGINE_ENV, "scan")
+        torch.testing.assert_close(inference.log_likelihood_steps(*factors), inference._filter(*factors)[1])
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, "gmm"])

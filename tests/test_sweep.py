@@ -54,6 +54,7 @@ def test_a_tiny_sweep_logs_one_parent_and_a_finished_child_per_trial(tmp_path, r
     for child in children:
         assert child.data.tags[PARENT_TAG] == parents[0].info.run_id
         assert child.data.tags["ray.node_id"] and child.data.tags["hostname"]
+        assert child.data.tags["engine"] == "compiled", "the engine's path a CPU trial took"
         assert {"hidden_dim", "lr", "seed", "model", "epochs"} <= set(child.data.params)
         assert child.data.params["prior_sticky"] == "0.9", "declared defaults are logged too"
         history = client.get_metric_history(child.info.run_id, "valid_nll")

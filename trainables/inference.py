@@ -19,23 +19,26 @@ floating-point range; so they are fast, stable in float32 and exact to rounding 
 float64, on CPU and CUDA alike. Viterbi runs in log space.
 
 On the CPU, for up to ``MAX_COMPILED_STATES`` states, the same recursions run compiled
-(:mod:`trainables.compiled`: the loop over frames in machine code); ``PYROSWEEP_ENGINE``
-(``auto``, ``compiled``, ``torch``) forces one path, for benchmarks and debugging. The
-PyTorch path serves CUDA, larger state spaces, and gradients through the per-frame steps.
+(:mod:`trainables.compiled`: the loop over frames in machine code). On a GPU, sequences of
+at least ``MIN_SCAN_FRAMES`` frames over at most ``MAX_SCAN_STATES`` states take the
+parallel scan (:mod:`trainables.scan`) for the likelihood and marginals. The sequential
+PyTorch recursions serve the rest, and gradients through the per-frame steps.
+``PYROSWEEP_ENGINE`` (:mod:`trainables.engines`) forces one path.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 
-from . import compiled
+from . import compiled, scan
+from .engines import ENGINE_ENV, engine
 
-ENGINE_ENV = "PYROSWEEP_ENGINE"  # auto (the default), compiled or torch
-ENGINES = ("auto", "compiled", "torch")
 MAX_COMPILED_STATES = 64  # beyond, the batched matrix products of the PyTorch path win
+# auto takes the parallel scan on a GPU for sequences at least this long with at most
+# this many states (its work grows as S^3 log T); not measured on a GPU yet
+MIN_SCAN_FRAMES, MAX_SCAN_STATES = 1024, 16
 
 __all__ = [
     "frame_mask",
@@ -47,28 +50,30 @@ __all__ = [
 ]
 
 
-def engine() -> str:
-    """The engine ``PYROSWEEP_ENGINE`` asks for (``auto`` unless set)."""
-    choice = os.environ.get(ENGINE_ENV, "auto")
-    if choice not in ENGINES:
-        raise ValueError(f"{ENGINE_ENV}: expected one of {list(ENGINES)}, got {choice!r}")
-    return choice
-
-
-def compiled_on(device: torch.device, num_states: int = 1) -> bool:
-    """Whether the compiled path runs for factors on ``device`` over ``num_states`` states:
-    on the CPU with up to ``MAX_COMPILED_STATES`` states (``auto``), always (``compiled``)
-    or never (``torch``)."""
+def path(device: torch.device, num_states: int = 1, num_frames: int = 1) -> str:
+    """The path that runs for factors on ``device`` over ``num_states`` states and
+    ``num_frames`` frames: ``compiled`` on the CPU with up to ``MAX_COMPILED_STATES``
+    states, ``scan`` on a GPU for long sequences over few states, else ``torch``
+    (``auto``); or the one ``PYROSWEEP_ENGINE`` forces."""
     choice = engine()
     on_cpu = device.type == "cpu"
     if choice == "compiled" and not on_cpu:
         raise ValueError(f"{ENGINE_ENV}=compiled runs on the CPU only; these factors are on {device}")
-    return choice == "compiled" or (choice == "auto" and on_cpu and num_states <= MAX_COMPILED_STATES)
+    if choice != "auto":
+        return choice
+    if on_cpu:
+        return "compiled" if num_states <= MAX_COMPILED_STATES else "torch"
+    return "scan" if num_frames >= MIN_SCAN_FRAMES and num_states <= MAX_SCAN_STATES else "torch"
 
 
-def _compiled(log_emit: torch.Tensor) -> bool:
-    """Whether the compiled recursions run for ``log_emit`` ``(..., T, S)``."""
-    return compiled_on(log_emit.device, log_emit.size(-1))
+def compiled_on(device: torch.device) -> bool:
+    """Whether the compiled kernels (emissions too) run for tensors on ``device``."""
+    return path(device) == "compiled"
+
+
+def _path(log_emit: torch.Tensor) -> str:
+    """The path of the recursions for ``log_emit`` ``(..., T, S)``."""
+    return path(log_emit.device, log_emit.size(-1), log_emit.size(-2))
 
 
 def frame_mask(lengths: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -320,8 +325,13 @@ def log_likelihood_steps(
         ``log p(x_{0:length})``. Differentiable (autograd through the recursion) with
         respect to all three factors.
     """
-    if _compiled(log_emit) and not _differentiable(log_init, log_trans, log_emit):
+    chosen = _path(log_emit)
+    if chosen == "compiled" and not _differentiable(log_init, log_trans, log_emit):
         return compiled.forward_backward(log_init, log_trans, log_emit, lengths, backward=False)[0]
+    if chosen == "scan":
+        steps = scan.log_likelihood_steps(log_init, log_trans, log_emit, lengths)
+        if steps is not None:
+            return steps
     mask = frame_mask(lengths, log_emit.size(-2)).unsqueeze(-1)
     scaled = _scaled_filter(log_init, log_trans, log_emit, mask)
     return scaled[2] if scaled is not None else _filter(log_init, log_trans, log_emit, lengths)[1]
@@ -336,7 +346,12 @@ def log_likelihood(
     """The exact ``log p(x_{0:length})`` ``(...)``, the sum of :func:`log_likelihood_steps`,
     with a hand-written backward pass (expected counts; measured faster than autograd
     through the recursion). Use this for training; the steps for per-frame answers."""
-    if not _compiled(log_emit):
+    chosen = _path(log_emit)
+    if chosen == "scan":  # autograd through the scan's products
+        steps = scan.log_likelihood_steps(log_init, log_trans, log_emit, lengths)
+        if steps is not None:
+            return steps.sum(-1)
+    if chosen != "compiled":
         return _ExactLogLikelihood.apply(log_init, log_trans, log_emit, lengths)
     if not _differentiable(log_init, log_trans, log_emit):  # scoring: no autograd Function to set up
         return compiled.forward_backward(log_init, log_trans, log_emit, lengths, backward=False)[0].sum(-1)
@@ -356,9 +371,9 @@ def posterior_marginals(
 
     :returns: ``(..., T, S)``; rows sum to 1 at real frames and are zero at padding.
     """
-    if _compiled(log_emit):
+    if _path(log_emit) == "compiled":
         return compiled.forward_backward(log_init, log_trans, log_emit, lengths)[1]
-    with torch.enable_grad():
+    with torch.enable_grad():  # scan or PyTorch: the gradient of their log-likelihood
         log_emit = log_emit.detach().requires_grad_(True)
         total = log_likelihood(log_init.detach(), log_trans.detach(), log_emit, lengths)
         (marginals,) = torch.autograd.grad(total.sum(), log_emit)
@@ -374,9 +389,11 @@ def viterbi(
     """Most likely state path by max-product dynamic programming.
 
     :returns: ``states`` ``(..., T)`` int64 with ``-1`` at padded frames, and
-        ``log_joint`` ``(...)``, the joint ``log p(z*, x)`` of that path.
+        ``log_joint`` ``(...)``, the joint ``log p(z*, x)`` of that path. The scan path
+        has no Viterbi of its own (the max-product scan would need a backtrace per
+        round): it runs the PyTorch one.
     """
-    if _compiled(log_emit):
+    if _path(log_emit) == "compiled":
         return compiled.viterbi(log_init, log_trans, log_emit, lengths)
     num_frames = log_emit.size(-2)
     mask = frame_mask(lengths, num_frames)

@@ -20,6 +20,7 @@ from typing import Any
 import pyro
 import torch
 
+from . import inference
 from .data import Dataset, Split
 from .models import MapModel, SequenceModel
 from .settings import TrainConfig
@@ -94,6 +95,15 @@ class ClippedAdam:
         self.lr, self.steps = state["lr"], list(state["steps"])
         for mine, saved in zip(self.exp_avg + self.exp_avg_sq, state["exp_avg"] + state["exp_avg_sq"]):
             mine.copy_(saved)
+
+
+def engine_path(model, split: Split, device: torch.device) -> str | None:
+    """The path of the exact engine (:func:`trainables.inference.path`) training ``model``
+    on ``split`` takes on ``device``: by the family's state space and the longest
+    sequence; ``None`` for a family without the recursions (``gmm``, ``dmm``)."""
+    if not hasattr(model, "state_labels") or split.lengths is None:
+        return None
+    return inference.path(device, len(model.state_labels()), int(split.x.shape[1]))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -31,7 +31,7 @@ from .checkpoint import TRIAL_STATE, save_checkpoint
 from .data import Dataset
 from .models import MapModel, build_model, family_class
 from .settings import TrainConfig, TrainSettings
-from .svi import Candidate, Trainer, screen_initializations
+from .svi import Candidate, Trainer, engine_path, screen_initializations
 
 FAULT_KEY = "_fault"  # test hook: {"kind": "raise" | "nan" | "kill", "epoch": E}
 
@@ -109,6 +109,8 @@ class Trial:
         self.candidates = [(t, i) for t in self.trainers for i in range(len(t.candidates))]
         self.restored = self._restore()
         self._test_nll: tuple[tuple[int, int], float] | None = None
+        first = self.trainers[0]
+        self.engine = engine_path(first.model, first.splits["train"], first.device)
         self.setup_s = time.perf_counter() - started
         self.epoch_s = 0.0
 
@@ -182,6 +184,8 @@ class Trial:
             "node_id": ray.get_runtime_context().get_node_id(),
             "hostname": socket.gethostname(),
         }
+        if self.engine:
+            metrics["engine"] = self.engine
         if self.screening:
             metrics.update(screen_best=min(self.screening), screen_worst=max(self.screening))
         return metrics
