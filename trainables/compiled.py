@@ -221,6 +221,20 @@ def _viterbi(log_init, log_trans, log_emit, lengths, states, log_joint):
             state = pointers[t, state]
 
 
+@numba.njit(**JIT)
+def _sample_states(cumulative_init, cumulative_trans, uniforms, states):
+    """``states`` (N, L) by the inverse CDF of ``uniforms`` (N, L) against the cumulative
+    sums of the initial distribution (S,) and of each transition row (S, S)."""
+    S = cumulative_init.shape[0]
+    for n in range(uniforms.shape[0]):
+        state = min(np.searchsorted(cumulative_init, uniforms[n, 0] * cumulative_init[-1], side="right"), S - 1)
+        states[n, 0] = state
+        for t in range(1, uniforms.shape[1]):
+            row = cumulative_trans[state]
+            state = min(np.searchsorted(row, uniforms[n, t] * row[-1], side="right"), S - 1)
+            states[n, t] = state
+
+
 def _flat(log_init: torch.Tensor, log_trans: torch.Tensor, log_emit: torch.Tensor, lengths: torch.Tensor):
     """The batch shape of the factors and their arrays for the kernels: ``log_init``
     (Bi, S), ``log_trans`` (Bt, S, S), ``log_emit`` (B, T, S), ``lengths`` (B,) int64."""
@@ -339,3 +353,11 @@ def diagonal_gaussian(x: torch.Tensor, means: torch.Tensor, scales: torch.Tensor
     :returns: ``(B..., ..., S)``.
     """
     return _DiagonalGaussian.apply(x, means, scales)
+
+
+def sample_states(cumulative_init: torch.Tensor, cumulative_trans: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """``(N, L)`` int64 states of chains drawn by the inverse CDF of ``uniforms`` ``(N, L)``
+    (:func:`trainables.inference.sample_states`)."""
+    states = np.empty(uniforms.shape, np.int64)
+    _sample_states(cumulative_init.numpy(), cumulative_trans.numpy(), uniforms.numpy(), states)
+    return torch.from_numpy(states)

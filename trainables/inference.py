@@ -421,17 +421,28 @@ def sample_states(
     length: int,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Ancestral samples of the state chain alone.
+    """Ancestral samples of the state chain alone, by the inverse CDF of uniforms drawn
+    from ``generator``: every path gives the same draws for the same seed (the compiled
+    one loops over frames in machine code).
 
     :param log_init: ``(S,)``.
     :param log_trans: ``(S, S)``.
     :returns: ``(num_sequences, length)`` int64 states.
     """
-    probs = log_init.exp().expand(num_sequences, -1)
-    trans = log_trans.exp()
-    state = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    uniforms = torch.rand(num_sequences, length, generator=generator, device=log_init.device, dtype=torch.float64)
+    cumulative_init, cumulative_trans = log_init.double().exp().cumsum(-1), log_trans.double().exp().cumsum(-1)
+    if compiled_on(log_init.device):
+        return compiled.sample_states(cumulative_init, cumulative_trans, uniforms)
+    state = _inverse_cdf(cumulative_init.expand(num_sequences, -1).contiguous(), uniforms[:, 0])
     states = [state]
-    for _ in range(1, length):
-        state = torch.multinomial(trans[state], 1, generator=generator).squeeze(-1)
+    for t in range(1, length):
+        state = _inverse_cdf(cumulative_trans[state], uniforms[:, t])
         states.append(state)
     return torch.stack(states, -1)
+
+
+def _inverse_cdf(cumulative: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The state whose slice of the cumulative sums ``(N, S)`` holds ``uniforms`` ``(N,)``
+    (scaled by the total): a state of probability zero is never drawn."""
+    values = (uniforms * cumulative[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cumulative, values, right=True).squeeze(-1).clamp_max(cumulative.size(-1) - 1)
