@@ -14,6 +14,9 @@ loop runs while a large request is computed in a worker thread).
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numba
 import numpy as np
@@ -32,7 +35,7 @@ def _scalar(value, array):
 @numba.njit(**JIT)
 def _row(array, b):
     """Sequence ``b``'s row of ``array``: its own, or the one all sequences share."""
-    return array[b if array.shape[0] > 1 else 0]
+    return array[0] if array.shape[0] == 1 else array[b]  # (a prange index is unsigned: not unified with 0)
 
 
 @numba.njit(**JIT)
@@ -114,111 +117,139 @@ def _shifted(log_emit, lengths, shifted, shift):
 
 
 @numba.njit(**JIT)
-def _forward_backward(log_init, log_trans, log_emit, emit, lengths, backward, steps, exact, marginals, counts):
-    """Every sequence ``b``: the per-frame normalisers ``steps`` (B, T) where ``exact[b]``,
-    else the log-space increments; with ``backward`` also ``marginals`` (B, T, S) and
-    ``counts`` (B, S, S). ``log_init`` (Bi, S) and ``log_trans`` (Bt, S, S) have one row
-    for all (Bi or Bt = 1) or one per sequence; ``emit`` (B, T, S) is
-    ``exp(log_emit - shift)`` by :func:`_shifted`; ``steps`` holds 1 at padding.
+def _sequence_forward_backward(b, log_init, log_trans, trans_all, log_emit, emit, lengths, backward, steps, marginals, counts):
+    """Sequence ``b``: the per-frame normalisers ``steps[b]`` (T,) and, with ``backward``,
+    ``marginals[b]`` (T, S) and ``counts[b]`` (S, S); whether the scaled pass was exact
+    (else ``steps[b]`` holds the log-space increments). ``log_init`` (Bi, S), ``log_trans``
+    and its probabilities ``trans_all`` (Bt, S, S) have one row for all (Bi or Bt = 1) or
+    one per sequence; ``emit`` (B, T, S) is ``exp(log_emit - shift)`` by :func:`_shifted`.
 
     Loops, not array expressions (those allocate every frame); each state's sum a dot
     product over a contiguous row (``A`` transposed for the forward pass)."""
-    B, T, S = log_emit.shape
+    T, S = log_emit.shape[1:]
     finfo = np.finfo(log_emit.dtype)
     tiny, huge = finfo.tiny / finfo.eps, finfo.eps / finfo.tiny
-    trans_all = np.exp(log_trans)
-    transposed_all = np.ascontiguousarray(trans_all.transpose(0, 2, 1))
-    alpha = np.empty((T, S), log_emit.dtype)
-    beta = np.empty(S, log_emit.dtype)
-    later = np.empty(S, log_emit.dtype)
-    expected = np.empty((S, S), log_emit.dtype)
     zero, one = _scalar(0.0, log_emit), _scalar(1.0, log_emit)
-    for b in range(B):
-        init, trans, transposed = _row(log_init, b), _row(trans_all, b), _row(transposed_all, b)
-        frames, length = emit[b], lengths[b]
-        exact[b] = True
-        for t in range(length):
-            total = zero
-            for j in range(S):
-                if t == 0:
-                    acc = math.exp(init[j])
-                else:
-                    acc = zero
-                    for i in range(S):
-                        acc += alpha[t - 1, i] * transposed[j, i]
-                alpha[t, j] = acc * frames[t, j]
-                total += alpha[t, j]
-            if not total >= tiny:  # also NaN: only log space is exact
-                exact[b] = False
-                break
-            steps[b, t] = total
-            inverse = one / total
-            for j in range(S):
-                alpha[t, j] *= inverse
-        if exact[b] and backward:
-            beta[:] = 1.0
-            expected[:, :] = 0.0
-            for t in range(length - 1, -1, -1):
-                for j in range(S):
-                    marginals[b, t, j] = alpha[t, j] * beta[j]
-                if t == 0:
-                    break
-                inverse = one / steps[b, t]
-                for j in range(S):
-                    later[j] = frames[t, j] * inverse * beta[j]
-                top = zero
+    init, trans = _row(log_init, b), _row(trans_all, b)
+    transposed = np.ascontiguousarray(trans.T)
+    frames, length = emit[b], lengths[b]
+    alpha = np.empty((T, S), log_emit.dtype)
+    exact = True
+    for t in range(length):
+        total = zero
+        for j in range(S):
+            if t == 0:
+                acc = math.exp(init[j])
+            else:
+                acc = zero
                 for i in range(S):
-                    for j in range(S):  # apart from the sum below, so that it vectorises
-                        expected[i, j] += alpha[t - 1, i] * later[j]
-                    acc = zero
-                    for j in range(S):
-                        acc += trans[i, j] * later[j]
-                    beta[i] = acc
-                    top = max(top, acc)
-                if not top <= huge:  # an alpha under the smallest normal float weighs
-                    exact[b] = False
-                    break
-            for i in range(S):  # xi summed over frames, A factored out of the loop
+                    acc += alpha[t - 1, i] * transposed[j, i]
+            alpha[t, j] = acc * frames[t, j]
+            total += alpha[t, j]
+        if not total >= tiny:  # also NaN: only log space is exact
+            exact = False
+            break
+        steps[b, t] = total
+        inverse = one / total
+        for j in range(S):
+            alpha[t, j] *= inverse
+    if exact and backward:
+        beta, later = np.ones(S, log_emit.dtype), np.empty(S, log_emit.dtype)
+        expected = np.zeros((S, S), log_emit.dtype)
+        for t in range(length - 1, -1, -1):
+            for j in range(S):
+                marginals[b, t, j] = alpha[t, j] * beta[j]
+            if t == 0:
+                break
+            inverse = one / steps[b, t]
+            for j in range(S):
+                later[j] = frames[t, j] * inverse * beta[j]
+            top = zero
+            for i in range(S):
+                for j in range(S):  # apart from the sum below, so that it vectorises
+                    expected[i, j] += alpha[t - 1, i] * later[j]
+                acc = zero
                 for j in range(S):
-                    counts[b, i, j] = expected[i, j] * trans[i, j]
-        if not exact[b]:
-            steps[b, length:] = 0.0
-            _log_forward_backward(init, _row(log_trans, b), log_emit[b], length, backward, steps[b], marginals[b], counts[b])
+                    acc += trans[i, j] * later[j]
+                beta[i] = acc
+                top = max(top, acc)
+            if not top <= huge:  # an alpha under the smallest normal float weighs
+                exact = False
+                break
+        for i in range(S):  # xi summed over frames, A factored out of the loop
+            for j in range(S):
+                counts[b, i, j] = expected[i, j] * trans[i, j]
+    if not exact:
+        steps[b, length:] = 0.0
+        _log_forward_backward(init, _row(log_trans, b), log_emit[b], length, backward, steps[b], marginals[b], counts[b])
+    return exact
+
+
+@numba.njit(**JIT)
+def _forward_backward(log_init, log_trans, log_emit, emit, lengths, backward, steps, exact, marginals, counts):
+    """:func:`_sequence_forward_backward` of every sequence, one after another; ``exact``
+    (B,) says which ones' ``steps`` are normalisers (1 at padding)."""
+    trans_all = np.exp(log_trans)
+    for b in range(log_emit.shape[0]):
+        exact[b] = _sequence_forward_backward(b, log_init, log_trans, trans_all, log_emit, emit, lengths, backward, steps, marginals, counts)
+
+
+@numba.njit(parallel=True, **JIT)
+def _forward_backward_threads(log_init, log_trans, log_emit, emit, lengths, backward, steps, exact, marginals, counts):
+    """:func:`_forward_backward` with the sequences shared among numba's threads."""
+    trans_all = np.exp(log_trans)
+    for b in numba.prange(log_emit.shape[0]):
+        exact[b] = _sequence_forward_backward(b, log_init, log_trans, trans_all, log_emit, emit, lengths, backward, steps, marginals, counts)
+
+
+@numba.njit(**JIT)
+def _sequence_viterbi(b, log_init, transposed_all, log_emit, lengths, states, log_joint):
+    """Sequence ``b``'s most likely path ``states[b]`` (T,) (-1 at padding) and its
+    ``log_joint[b]``; ``transposed_all`` (Bt, S, S) is ``log_trans`` transposed (its
+    columns contiguous)."""
+    T, S = log_emit.shape[1:]
+    init, transposed = _row(log_init, b), _row(transposed_all, b)
+    minus_inf = _scalar(-np.inf, log_emit)
+    score, best = np.empty(S, log_emit.dtype), np.empty(S, log_emit.dtype)
+    pointers = np.empty((T, S), np.int64)
+    for j in range(S):
+        score[j] = init[j] + log_emit[b, 0, j]
+    for t in range(1, lengths[b]):
+        for j in range(S):
+            top, arg = minus_inf, 0
+            for i in range(S):
+                value = score[i] + transposed[j, i]
+                if value > top:
+                    top, arg = value, i
+            best[j] = top + log_emit[b, t, j]
+            pointers[t, j] = arg
+        for j in range(S):
+            score[j] = best[j]
+    state = 0
+    for j in range(1, S):
+        if score[j] > score[state]:
+            state = j
+    log_joint[b] = score[state]
+    states[b, :] = -1
+    for t in range(lengths[b] - 1, -1, -1):
+        states[b, t] = state
+        state = pointers[t, state]
 
 
 @numba.njit(**JIT)
 def _viterbi(log_init, log_trans, log_emit, lengths, states, log_joint):
     """Most likely paths: ``states`` (B, T) (-1 at padding) and ``log_joint`` (B,)."""
-    B, T, S = log_emit.shape
-    transposed_all = np.ascontiguousarray(log_trans.transpose(0, 2, 1))  # contiguous rows below
-    score = np.empty(S, log_emit.dtype)
-    best = np.empty(S, log_emit.dtype)
-    pointers = np.empty((T, S), np.int64)
-    minus_inf = _scalar(-np.inf, log_emit)
-    for b in range(B):
-        init, transposed = _row(log_init, b), _row(transposed_all, b)
-        for j in range(S):
-            score[j] = init[j] + log_emit[b, 0, j]
-        for t in range(1, lengths[b]):
-            for j in range(S):
-                top, arg = minus_inf, 0
-                for i in range(S):
-                    value = score[i] + transposed[j, i]
-                    if value > top:
-                        top, arg = value, i
-                best[j] = top + log_emit[b, t, j]
-                pointers[t, j] = arg
-            for j in range(S):
-                score[j] = best[j]
-        state = 0
-        for j in range(1, S):
-            if score[j] > score[state]:
-                state = j
-        log_joint[b] = score[state]
-        states[b, :] = -1
-        for t in range(lengths[b] - 1, -1, -1):
-            states[b, t] = state
-            state = pointers[t, state]
+    transposed_all = np.ascontiguousarray(log_trans.transpose(0, 2, 1))
+    for b in range(log_emit.shape[0]):
+        _sequence_viterbi(b, log_init, transposed_all, log_emit, lengths, states, log_joint)
+
+
+@numba.njit(parallel=True, **JIT)
+def _viterbi_threads(log_init, log_trans, log_emit, lengths, states, log_joint):
+    """:func:`_viterbi` with the sequences shared among numba's threads."""
+    transposed_all = np.ascontiguousarray(log_trans.transpose(0, 2, 1))
+    for b in numba.prange(log_emit.shape[0]):
+        _sequence_viterbi(b, log_init, transposed_all, log_emit, lengths, states, log_joint)
 
 
 @numba.njit(**JIT)
@@ -233,6 +264,25 @@ def _sample_states(cumulative_init, cumulative_trans, uniforms, states):
             row = cumulative_trans[state]
             state = min(np.searchsorted(row, uniforms[n, t] * row[-1], side="right"), S - 1)
             states[n, t] = state
+
+
+_THREADS = threading.Lock()  # numba's default threading layer runs one parallel kernel at a time
+
+
+@contextmanager
+def _threaded(num_sequences: int) -> Iterator[bool]:
+    """Whether to run the kernel whose sequences are shared among threads: where torch
+    may use more than one thread here (a trial given several CPUs), there are several
+    sequences and no other thread of this process runs one now (then: the serial one)."""
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if threads < 2 or num_sequences < 2 or not _THREADS.acquire(blocking=False):
+        yield False
+        return
+    try:
+        numba.set_num_threads(threads)
+        yield True
+    finally:
+        _THREADS.release()
 
 
 def _flat(log_init: torch.Tensor, log_trans: torch.Tensor, log_emit: torch.Tensor, lengths: torch.Tensor):
@@ -262,7 +312,9 @@ def forward_backward(log_init, log_trans, log_emit, lengths, backward: bool = Tr
     steps, exact = np.ones((B, T), emit.dtype), np.empty(B, np.bool_)
     marginals = np.zeros((B, T, S) if backward else (B, 0, 0), emit.dtype)
     counts = np.zeros((B, S, S) if backward else (B, 0, 0), emit.dtype)
-    _forward_backward(init, trans, emit, shifted, flat_lengths, backward, steps, exact, marginals, counts)
+    with _threaded(B) as threaded:
+        kernel = _forward_backward_threads if threaded else _forward_backward
+        kernel(init, trans, emit, shifted, flat_lengths, backward, steps, exact, marginals, counts)
     steps[exact] = np.log(steps[exact]) + shift[exact]  # numpy's vectorised log
     steps = torch.from_numpy(steps).reshape(*batch, T)
     if not backward:
@@ -276,7 +328,8 @@ def viterbi(log_init, log_trans, log_emit, lengths) -> tuple[torch.Tensor, torch
     B, T, _ = emit.shape
     states = np.empty((B, T), np.int64)
     log_joint = np.empty(B, emit.dtype)
-    _viterbi(init, trans, emit, flat_lengths, states, log_joint)
+    with _threaded(B) as threaded:
+        (_viterbi_threads if threaded else _viterbi)(init, trans, emit, flat_lengths, states, log_joint)
     return torch.from_numpy(states).reshape(*batch, T), torch.from_numpy(log_joint).reshape(batch)
 
 
