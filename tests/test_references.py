@@ -1,5 +1,6 @@
 """The engine against independent implementations: Pyro's classic enumeration
-(``TraceEnum_ELBO``), hmmlearn's ``GaussianHMM`` and the closed-form mixture density."""
+(``TraceEnum_ELBO``), hmmlearn's ``GaussianHMM`` and the closed-form mixture density;
+every test on every path of the engine (compiled, PyTorch, scan)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from trainables.models import build_model
 from trainables.models.classic import classic_gmm_model, classic_hmm_model, classic_nnhmm_model
 
 CLASSIC = {"hmm": classic_hmm_model, "nnhmm": classic_nnhmm_model}
+pytestmark = pytest.mark.usefixtures("engine")  # conftest
 
 
 def random_hmm(dtype, seed=0, N=7, T=12, D=6, K=4, family="hmm"):
