@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -295,6 +296,34 @@ def test_a_trial_trains_its_kept_candidates_as_one_batched_model(tmp_path, ray_a
     chosen = min(range(4), key=lambda i: alone[i].history[-1].train_loss)
     assert result.metrics["candidate"] == chosen and result.metrics["setup_s"] > 0
     assert result.metrics["best_valid_nll"] == pytest.approx(alone[chosen].best_valid, rel=1e-5)
+
+
+METHODS_SWEEP = """
+name: methods
+model: gaussian-hmm
+data: {name: synthetic-gaussian-hmm, num_sequences: 30, length: 20}
+train: {epochs: 6, batch_size: 10, patience: 50, lr: 0.05}
+search:
+  hidden_dim: 2
+  method: {grid: [svi, em]}
+restarts: {screen: 4, keep: 2}
+max_concurrent: 2
+"""
+
+
+def test_a_sweep_searches_the_training_method(tmp_path, ray_address):
+    """``method: {grid: [svi, em]}``: both trials finish and log their method; the EM
+    trial's kept restarts run as one batched model and its iterations are its epochs."""
+    path = tmp_path / "methods.yaml"
+    path.write_text(METHODS_SWEEP)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_sweep(load_sweep_file(path), tracking=uri, storage=str(tmp_path / "ray"))
+    client, _, children = mlflow_runs(uri, "methods")
+    by_method = {child.data.params["method"]: child for child in children}
+    assert set(by_method) == {"svi", "em"} and {c.info.status for c in children} == {"FINISHED"}
+    em_history = client.get_metric_history(by_method["em"].info.run_id, "train_loss")
+    losses = [m.value for m in sorted(em_history, key=lambda m: m.step)]
+    assert 2 <= len(losses) <= 6 and all(np.isfinite(losses))  # (monotone per candidate: tests/test_em.py)
 
 
 def test_a_bad_sweep_file_is_refused_before_ray_starts(tmp_path):

@@ -41,6 +41,7 @@ MAX_COMPILED_STATES = 64  # beyond, the batched matrix products of the PyTorch p
 MIN_SCAN_FRAMES, MAX_SCAN_STATES = 1024, 16
 
 __all__ = [
+    "expected_statistics",
     "frame_mask",
     "log_likelihood",
     "log_likelihood_steps",
@@ -378,6 +379,33 @@ def posterior_marginals(
         total = log_likelihood(log_init.detach(), log_trans.detach(), log_emit, lengths)
         (marginals,) = torch.autograd.grad(total.sum(), log_emit)
     return marginals
+
+
+def expected_statistics(
+    log_init: torch.Tensor,
+    log_trans: torch.Tensor,
+    log_emit: torch.Tensor,
+    lengths: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EM's E-step: the log-likelihood ``(...)``, the smoothed marginals ``(..., T, S)``
+    (zero at padding) and the expected transition counts ``(..., S, S)`` of every
+    sequence (summed over its frames), by one forward-backward pass.
+
+    On the compiled path the kernel's own; elsewhere the gradient of the log-likelihood
+    with respect to ``log_emit`` and ``log_trans`` broadcast to the batch shape (each
+    sequence's expected counts are its own derivative).
+    """
+    batch = torch.broadcast_shapes(log_init.shape[:-1], log_trans.shape[:-2], log_emit.shape[:-2], lengths.shape)
+    if _path(log_emit) == "compiled":
+        steps, marginals, counts = compiled.forward_backward(log_init, log_trans, log_emit, lengths)
+        return steps.sum(-1), marginals, counts
+    with torch.enable_grad():
+        num_states = log_emit.size(-1)
+        log_trans = log_trans.detach().expand(*batch, num_states, num_states).clone().requires_grad_(True)
+        log_emit = log_emit.detach().requires_grad_(True)
+        total = log_likelihood(log_init.detach(), log_trans, log_emit, lengths)
+        counts, marginals = torch.autograd.grad(total.sum(), (log_trans, log_emit))
+    return total.detach(), marginals, counts
 
 
 def viterbi(

@@ -5,15 +5,22 @@ restarts decide)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from .declared import Declared
 
 
 class TrainSettings(Declared):
-    """SVI settings of one training run; every one can be fixed or searched in a sweep."""
+    """The settings of one training run; every one can be fixed or searched in a sweep."""
 
-    epochs: int = Field(100, ge=1, description="passes over the training split")
+    method: Literal["svi", "em"] = Field(
+        "svi", description="svi: minibatch gradient steps; em: full-batch MAP expectation-maximisation, "
+        "an epoch being one iteration (hmm, arhmm, gaussian-hmm, gmm)")
+    epochs: int = Field(100, ge=1, description="passes over the training split (em: most iterations)")
+    tolerance: float = Field(1e-6, ge=0, description="em: stop once an iteration changes the objective by "
+                             "less than this, relatively")
     batch_size: int = Field(20, ge=1, description="sequences (points) per minibatch")
     lr: float = Field(0.01, gt=0, description="ClippedAdam learning rate")
     lr_decay: float = Field(1.0, gt=0, le=1, description="factor on the learning rate after every step")

@@ -206,7 +206,14 @@ class Candidate:
     def done(self, config: TrainConfig) -> bool:
         patience = config.patience
         out_of_patience = patience is not None and self.epoch - self.best_epoch >= patience
-        return self.epoch >= config.epochs or (self.epoch > 0 and out_of_patience)
+        return self.epoch >= config.epochs or (self.epoch > 0 and out_of_patience) or self.converged(config)
+
+    def converged(self, config: TrainConfig) -> bool:
+        """EM: the last iteration changed the objective by less than ``tolerance``, relatively."""
+        if config.method != "em" or len(self.history) < 2:
+            return False
+        before, after = self.history[-2].train_loss, self.history[-1].train_loss
+        return abs(before - after) <= config.tolerance * abs(before)
 
     def state_dict(self) -> dict[str, Any]:
         return {**asdict(self), "history": [asdict(record) for record in self.history]}
@@ -266,6 +273,8 @@ class Trainer:
             raise ValueError(f"{model.family}: best-of-N screening needs a MAP family (HMMs, gmm)")
         else:
             self.learnable = list(model.parameters())
+        if config.method == "em" and not type(model).supports_em():
+            raise ValueError(f"{model.family}: EM is not available for this family; use method: svi")
         self.optimizer = ClippedAdam(
             self.learnable,
             lr=config.lr,
@@ -326,11 +335,14 @@ class Trainer:
     best_state = property(lambda self: self.candidates[0].best_state)
 
     def train_epoch(self) -> torch.Tensor:
-        """One pass over the shuffled training split, a ``ClippedAdam`` step per minibatch.
-        A non-finite loss raises ``FloatingPointError`` naming the epoch and batch.
+        """One pass over the shuffled training split, a ``ClippedAdam`` step per minibatch
+        (or one EM iteration: :meth:`em_iteration`). A non-finite loss raises
+        ``FloatingPointError`` naming the epoch and batch.
 
         :returns: ``(R,)`` every candidate's mean loss per frame (float64).
         """
+        if self.config.method == "em":
+            return self.em_iteration()
         model, train_split = self.model, self.splits["train"]
         extra = model.training_kwargs(self.epoch, self.config.epochs)
         total, num_batches = 0.0, 0
@@ -346,6 +358,23 @@ class Trainer:
             self.optimizer.step()
             total, num_batches = total + losses.detach().double(), num_batches + 1
         return total / num_batches / num_frames(train_split)
+
+    @torch.no_grad()
+    def em_iteration(self) -> torch.Tensor:
+        """One EM iteration of every candidate on the whole training split: the family's
+        E-step and closed-form M-step (:meth:`MapModel.em_step`) replace its parameters.
+
+        :returns: ``(R,)`` the objective per frame (negative log prior and log-likelihood,
+            float64) at the parameters the iteration started from: it never increases.
+        """
+        model, split = self.model, self.splits["train"]
+        params = model.constrain(self.stacked)
+        losses = model.training_loss_of(params, split.x, split.lengths).double()
+        if not bool(torch.isfinite(losses).all()):
+            raise FloatingPointError(f"{model.family}: non-finite EM objective ({losses.tolist()}) at iteration {self.epoch + 1}")
+        for name, value in model.unconstrain(model.em_step(params, split.x, split.lengths)).items():
+            self.stacked[name].copy_(value)
+        return losses / num_frames(split)
 
     def run_epoch(self) -> list[EpochRecord]:
         """:meth:`train_epoch`, then the validation NLL per frame of every candidate.

@@ -108,7 +108,19 @@ def search_problems(
         if train is not None and key in train.model_fields_set:
             problems.append(((key,), f"also set as train.{key}; give it in one place"))
         problems += _spec_problems(key, spec, types[key])
+    if "method" in search:
+        spec = search["method"]
+        form = search_form(spec)
+        problems += method_problems(spec[form] if form in ("grid", "choice") else [spec], family)
     return problems
+
+
+def method_problems(methods: list[Any], family: str | None) -> list[Problem]:
+    """EM among ``methods`` for a family without an M-step (at key ``method``)."""
+    if family is None or "em" not in methods or FAMILIES[family].supports_em():
+        return []
+    able = ", ".join(name for name, cls in FAMILIES.items() if cls.supports_em())
+    return [(("method",), f"{family} cannot be trained by EM (EM trains {able}); use svi")]
 
 
 def resolve_data(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from trainables.declared import STRICT, error_phrase
 from trainables.models import FAMILIES, MapModel
 from trainables.settings import TrainSettings
 
-from .checks import resolve_data, search_problems
+from .checks import method_problems, resolve_data, search_problems
 from .problems import PROBLEMS_ERROR, KeyPath, Problem, SweepFileError, problems_error, raise_any, unknown
 from .reading import apply_overrides, read_yaml
 from .space import search_form
@@ -119,6 +119,12 @@ class SweepSpec(_Section):
     @classmethod
     def _check_data(cls, data: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         return resolve_data(data, Path((info.context or {}).get("base_dir", ".")))
+
+    @field_validator("train")
+    @classmethod
+    def _check_train(cls, train: TrainSettings, info: ValidationInfo) -> TrainSettings:
+        raise_any(method_problems([train.method], info.data.get("model")))
+        return train
 
     @field_validator("search")
     @classmethod

@@ -93,6 +93,12 @@ class SequenceModel(PyroModule):
         with pyro.validation_enabled(False):
             return Trace_ELBO().differentiable_loss(self.model, self.guide, x, lengths, scale=scale, **extra)
 
+    @classmethod
+    def supports_em(cls) -> bool:
+        """Whether ``train: {method: em}`` can train this family: MAP families with an
+        M-step (:meth:`MapModel.em_step`)."""
+        return False
+
     def log_likelihood(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """``(N,)`` log p(x) in nats (a bound where ``exact`` is False)."""
         return self.log_likelihood_steps(x, lengths).sum(-1)
@@ -238,6 +244,22 @@ class MapModel(SequenceModel):
         """Parameters from unconstrained tensors with any leading batch shape ``(...)``, by
         the transform the guide applies to its own."""
         return {name: transform_to(prior.support)(unconstrained[name]) for name, prior in self.priors().items()}
+
+    def unconstrain(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`constrain`: unconstrained tensors of ``params``."""
+        return {name: transform_to(prior.support).inv(params[name]) for name, prior in self.priors().items()}
+
+    @classmethod
+    def supports_em(cls) -> bool:
+        return cls.em_step is not MapModel.em_step
+
+    def em_step(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor, lengths: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """One EM iteration from ``params`` (leading batch dims ``(R, ...)``: restarts) on
+        the whole of ``x``: the new parameters, constrained, of the same shapes, that
+        maximise the expected complete-data log-likelihood plus the log prior."""
+        raise NotImplementedError(f"{self.family}: EM is not available for this family; use train: {{method: svi}}")
 
     def network_parameters(self) -> list[torch.nn.Parameter]:
         """Learnable tensors outside the priors (a neural net's weights, estimated by

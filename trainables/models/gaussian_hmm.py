@@ -11,6 +11,7 @@ from pyro import distributions as dist
 
 from ..compiled import diagonal_gaussian
 from ..inference import compiled_on, frame_mask
+from . import em
 from .hmm_base import ChainHyperparameters, HMMFamily
 from .parts import sticky_simplex, uniform_simplex
 
@@ -91,6 +92,16 @@ class GaussianHMM(HMMFamily):
 
     def emission_log_probs(self, params, x):
         return gaussian_log_probs(x.to(params["means"].dtype), params["means"], params["scales"])
+
+    def emission_m_step(self, params, x, lengths, marginals):
+        """The means given the current scales, then the scales given the new means (one
+        conditional maximisation each: the EM objective still never decreases)."""
+        h = self.hparams
+        weights, points = em.flat_points(marginals, x.to(marginals.dtype), lengths)
+        means = em.normal_mean_map(weights, points, params["scales"] ** 2, h.prior_mean_scale)
+        deviations = em.squared_deviations(weights, points, means)
+        count = weights.sum(-2).unsqueeze(-1).expand_as(deviations)
+        return {"means": means, "scales": em.lognormal_scale_map(count, deviations, h.prior_log_scale).to(means.dtype)}
 
     def sample_emissions(self, params, states, generator):
         means, scales = params["means"][states], params["scales"][states]

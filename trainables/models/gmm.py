@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 from pyro import distributions as dist
 
+from . import em
 from .base import MapModel
 from .contract import Hyperparameters, Marginals, Samples, StatePath
 from .gaussian_hmm import gaussian_init, gaussian_log_probs
@@ -77,6 +78,22 @@ class GaussianMixture(MapModel):
             "component-dimension": lambda s: s,
         }[self.hparams.variance]
         return {"weights": torch.full((K,), 1.0 / K), "locs": locs, "scales": reduce(scales)}
+
+    def em_step(self, params, x, lengths=None):
+        """Responsibilities, then the weights, the means given the current scales and the
+        scales given the new means, each tied as ``variance`` says."""
+        joint = self.joint_log_probs(params, x)
+        weights = (joint - joint.logsumexp(-1, keepdim=True)).exp()  # (..., N, K)
+        h, points = self.hparams, x.to(weights.dtype)
+        prior = em.base(self.priors()["weights"]).concentration
+        locs = em.normal_mean_map(weights, points, self.component_scales(params["scales"]) ** 2, h.prior_loc_scale)
+        deviations = em.squared_deviations(weights, points, locs)  # (..., K, D)
+        count = weights.sum(-2).unsqueeze(-1).expand_as(deviations)
+        tied = {"global": (-2, -1), "component": (-1,), "dimension": (-2,), "component-dimension": ()}[h.variance]
+        if tied:
+            count, deviations = count.sum(tied), deviations.sum(tied)
+        scales = em.lognormal_scale_map(count, deviations, h.prior_log_scale).to(locs.dtype)
+        return {"weights": em.dirichlet_map(weights.sum(-2), prior), "locs": locs, "scales": scales}
 
     def component_scales(self, scales: torch.Tensor) -> torch.Tensor:
         """``scales`` of any variance structure (with leading batch dims) as ``(..., K, D)``."""

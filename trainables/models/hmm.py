@@ -25,6 +25,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from . import em
 from .contract import PerfectSquare
 from .hmm_base import ChainHyperparameters, HMMFamily
 from .parts import (
@@ -109,6 +110,13 @@ class BernoulliHMM(BernoulliChainHMM):
     def state_emission_probs(self, params):
         return params["emission_probs"]
 
+    def emission_m_step(self, params, x, lengths, marginals):
+        prior = em.base(self.priors()["emission_probs"])
+        x = x.to(marginals.dtype)
+        ones = torch.einsum("...nts,ntd->...sd", marginals, x)
+        visits = marginals.sum((-3, -2)).unsqueeze(-1)
+        return {"emission_probs": em.beta_map(ones, visits - ones, prior.concentration1, prior.concentration0)}
+
 
 class AutoregressiveHMM(BernoulliHMM):
     """``arhmm``: each key also depends on itself at the previous frame (model_2).
@@ -138,6 +146,18 @@ class AutoregressiveHMM(BernoulliHMM):
         return bernoulli_log_probs(x, probs[..., 0, :], 1 - was_on) + bernoulli_log_probs(
             x, probs[..., 1, :], was_on
         )
+
+    def emission_m_step(self, params, x, lengths, marginals):
+        prior = em.base(self.priors()["emission_probs"])
+        x = x.to(marginals.dtype)
+        was_on = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
+        probs = []
+        for value, before in enumerate((1 - was_on, was_on)):  # the key off, then on, at the previous frame
+            ones = torch.einsum("...nts,ntd->...sd", marginals, before * x)
+            visits = torch.einsum("...nts,ntd->...sd", marginals, before)
+            a, b = prior.concentration1[..., value, :], prior.concentration0[..., value, :]
+            probs.append(em.beta_map(ones, visits - ones, a, b))
+        return {"emission_probs": torch.stack(probs, -2)}
 
     def sample_emissions(self, params, states, generator):
         probs = params["emission_probs"]
@@ -329,6 +349,8 @@ class NeuralHMM(BernoulliHMM):
         params = super().init_parameters(x, lengths, generator)
         del params["emission_probs"]
         return params
+
+    emission_m_step = HMMFamily.emission_m_step  # a network: trained by SVI only
 
     def emission_log_probs(self, params, x):
         previous = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)

@@ -14,6 +14,7 @@ import torch
 from pydantic import Field
 
 from .. import inference
+from . import em
 from .base import MapModel
 from .contract import Hyperparameters, Marginals, Samples, StatePath
 from .parts import flat_dirichlet, safe_log, sticky_dirichlet
@@ -84,6 +85,29 @@ class HMMFamily(MapModel):
     def transition_matrix(self) -> torch.Tensor:
         """``(S, S)`` p(to | from) over the engine's state space."""
         return self.chain_factors(self.map_values())[1].exp()
+
+    @classmethod
+    def supports_em(cls) -> bool:
+        """EM needs the single chain's ``initial`` and ``transition`` and an emission M-step."""
+        return cls.chain_factors is HMMFamily.chain_factors and cls.emission_m_step is not HMMFamily.emission_m_step
+
+    def em_step(self, params, x, lengths):
+        """The engine's E-step, then the chain's MAP updates under its Dirichlet priors and
+        the family's own :meth:`emission_m_step`."""
+        _, marginals, counts = inference.expected_statistics(*self.factors(params, x, lengths), lengths)
+        priors = self.priors()
+        new = {
+            "initial": em.dirichlet_map(marginals[..., 0, :].sum(-2), em.base(priors["initial"]).concentration),
+            "transition": em.dirichlet_map(counts.sum(-3), em.base(priors["transition"]).concentration),
+        }
+        return {**new, **self.emission_m_step(params, x, lengths, marginals)}
+
+    def emission_m_step(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor, lengths: torch.Tensor, marginals: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The emission parameters' MAP update given the smoothed ``marginals``
+        ``(..., N, T, S)``; families without one are trained by SVI only."""
+        raise NotImplementedError
 
     # The contract, once for all families.
     def factors(

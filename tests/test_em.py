@@ -1,0 +1,121 @@
+"""EM as a training method (``train: {method: em}``): the engine's E-step and the
+families' closed-form MAP M-steps (``trainables/models/em.py``).
+
+- every EM family, restarts stacked: the objective never increases, to rounding (float64);
+- one iteration of ``gaussian-hmm`` from given parameters equals hmmlearn's ``fit`` with
+  ``n_iter=1`` where the two objectives coincide (flat priors on hmmlearn's side, priors
+  made flat on ours), to 1e-8;
+- EM's fixed point is a stationary point of SVI's objective (the same MAP objective): the
+  gradient there is below 1e-6 of the gradient at the start;
+- families without an M-step are refused with a message, before any training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hmmlearn.hmm import GaussianHMM
+from test_speed_paths import in_float64
+
+from trainables.data import load_dataset
+from trainables.models import build_model
+from trainables.settings import TrainConfig
+from trainables.svi import Trainer
+
+CASES = {
+    "hmm": ("synthetic-hmm", {}),
+    "arhmm": ("synthetic-hmm", {}),
+    "gaussian-hmm": ("synthetic-gaussian-hmm", {}),
+    **{f"gmm-{kind}": ("synthetic-gmm", {"variance": kind}) for kind in ("global", "component", "dimension", "component-dimension")},
+}
+
+
+def em_trainer(case: str, epochs: int = 25, tolerance: float = 0.0, restarts: int = 3, seed: int = 0) -> Trainer:
+    """A float64 EM trainer of ``case`` with ``restarts`` stacked starts."""
+    name, hparams = CASES[case]
+    family = case.split("-")[0] if case.startswith("gmm") else case
+    options = {"num_sequences": 40, "length": 30} if family != "gmm" else {}
+    data = in_float64(load_dataset(name, seed=seed, **options))
+    model = build_model(family, data_dim=data.data_dim, hidden_dim=3, **hparams).double()
+    generator = torch.Generator().manual_seed(seed)
+    train = data.splits["train"]
+    starts = [model.init_parameters(train.x, train.lengths, generator) for _ in range(restarts)]
+    config = TrainConfig(method="em", epochs=epochs, tolerance=tolerance, patience=None, seed=seed)
+    return Trainer(model, data, config, initial_parameters=starts)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_em_objective_never_increases(case):
+    trainer = em_trainer(case)
+    losses = []
+    while not trainer.done:
+        trainer.run_epoch()
+        losses.append([candidate.history[-1].train_loss for candidate in trainer.candidates])
+    losses = np.array(losses)  # (iterations, restarts)
+    assert losses.shape[0] >= 5  # (tolerance 0: stops early only where an iteration changes nothing)
+    rounding = 1e-12 * np.abs(losses[:-1])
+    assert (losses[1:] <= losses[:-1] + rounding).all(), np.diff(losses, axis=0).max()
+    assert (losses[-1] < losses[0]).all()
+
+
+def test_one_iteration_equals_hmmlearns_where_the_objectives_coincide():
+    """Flat priors: ours with Normal(0, 1e12) means, LogNormal(0, 1e12) scales (an
+    improper 1/s prior in the limit) and Dirichlet(1) rows; hmmlearn's with
+    ``means_weight=0`` and ``covars_weight=2, covars_prior=0`` (the same 1/s prior:
+    variances sum / (n + 1)) and unit start and transition priors."""
+    rng = np.random.default_rng(0)
+    K, D = 3, 2
+    lengths = [9, 4, 1, 7, 12]
+    x = rng.normal(size=(sum(lengths), D)) * 2
+    start = {
+        "initial": np.array([0.5, 0.3, 0.2]),
+        "transition": np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.3, 0.6]]),
+        "means": np.array([[-2.0, 0.0], [0.0, 2.0], [2.5, -1.0]]),
+        "scales": np.array([[1.0, 0.5], [0.7, 1.2], [1.5, 0.9]]),
+    }
+    theirs = GaussianHMM(K, covariance_type="diag", n_iter=1, init_params="", params="stmc",
+                         means_weight=0.0, covars_prior=0.0, covars_weight=2.0, startprob_prior=1.0, transmat_prior=1.0)
+    theirs.startprob_, theirs.transmat_ = start["initial"], start["transition"]
+    theirs.means_, theirs.covars_ = start["means"], start["scales"] ** 2
+    theirs.fit(x, lengths)
+
+    model = build_model("gaussian-hmm", data_dim=D, hidden_dim=K, prior_mean_scale=1e12, prior_log_scale=1e12,
+                        prior_sticky=1e-300, prior_smooth=1.0, prior_initial=1.0).double()
+    padded = torch.zeros(len(lengths), max(lengths), D, dtype=torch.float64)
+    for n, (begin, length) in enumerate(zip(np.cumsum([0, *lengths[:-1]]), lengths)):
+        padded[n, :length] = torch.from_numpy(x[begin : begin + length])
+    params = {name: torch.from_numpy(value).unsqueeze(0) for name, value in start.items()}
+    ours = model.em_step(params, padded, torch.tensor(lengths))
+    np.testing.assert_allclose(ours["initial"][0], theirs.startprob_, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(ours["transition"][0], theirs.transmat_, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(ours["means"][0], theirs.means_, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(ours["scales"][0] ** 2, np.diagonal(theirs.covars_, axis1=1, axis2=2), rtol=1e-8)
+
+
+@pytest.mark.parametrize("case", ["gaussian-hmm", "gmm-component-dimension"])
+def test_the_em_fixed_point_is_a_stationary_point_of_the_svi_objective(case):
+    """Both methods maximise the same MAP objective: where EM has converged, the gradient
+    SVI follows vanishes (no probability at the floor here: interior optima)."""
+    trainer = em_trainer(case, epochs=400, restarts=1)
+    model, train = trainer.model, trainer.splits["train"]
+
+    def gradient_size() -> float:
+        leaves = {name: value.detach().clone().requires_grad_() for name, value in trainer.stacked.items()}
+        loss = model.training_loss_of(model.constrain(leaves), train.x, train.lengths).sum()
+        return max(float(g.abs().max()) for g in torch.autograd.grad(loss, list(leaves.values())))
+
+    at_start = gradient_size()
+    while not trainer.done:
+        trainer.run_epoch()
+    params = model.constrain(trainer.stacked)
+    assert all(float(value.min()) > 1e-4 for name, value in params.items() if name in ("initial", "transition", "weights"))
+    assert gradient_size() <= 1e-6 * at_start
+
+
+@pytest.mark.parametrize("family", ["nnhmm", "fhmm", "dmm"])
+def test_families_without_an_m_step_are_refused(family):
+    data = load_dataset("synthetic-hmm", num_sequences=10, length=8)
+    model = build_model(family, data_dim=data.data_dim, hidden_dim=4)
+    with pytest.raises(ValueError, match=f"{family}: EM is not available for this family; use method: svi"):
+        Trainer(model, data, TrainConfig(method="em", epochs=2))
