@@ -108,12 +108,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     model = family_class(args.model)(dataset.data_dim, **hparams)
     shown = ", ".join(f"{key}={value}" for key, value in _given(args, declaration.model_fields).items())
     path = engine_path(model, dataset.splits["train"], resolve_device(config.device))
+    if config.method == "em":
+        method = f"EM, at most {config.epochs} iterations (tolerance {config.tolerance})"
+    else:
+        method = f"{config.epochs} epochs, batch {config.batch_size}, lr {config.lr}"
     print(f"training {args.model} ({shown or 'declared defaults'}) on {dataset.name}: "
-          f"{config.epochs} epochs, batch {config.batch_size}, lr {config.lr}, best of {config.screen} inits"
-          + (f", engine {path}" if path else ""))
+          f"{method}, best of {config.screen} inits" + (f", engine {path}" if path else ""))
+    step = "iteration" if config.method == "em" else "epoch"
 
     def report(record, _model) -> None:
-        print(f"epoch {record.epoch:3d}  train loss {record.train_loss:.4f}  "
+        print(f"{step} {record.epoch:3d}  train loss {record.train_loss:.4f}  "
               f"valid NLL {record.valid_nll:.4f}  ({record.epoch_s:.2f} s)", flush=True)
 
     result = train(model, dataset, config, on_epoch=report)

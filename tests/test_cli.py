@@ -70,3 +70,17 @@ def test_the_engine_flag_forces_a_path_and_gives_the_same_numbers(tmp_path):
         runs[engine] = [float(line.split()[1]) for line in result.stdout.splitlines()
                         if line.split()[:1] in (["train"], ["valid"], ["test"]) and len(line.split()) == 2]
     assert np.allclose(runs["compiled"], runs["torch"], rtol=1e-4)
+
+
+def test_train_by_em(tmp_path):
+    result = pyrosweep(
+        "train", "--model", "gaussian-hmm", "--data", "synthetic-gaussian-hmm", "--hidden-dim", "3",
+        "--method", "em", "--epochs", "30", "--screen", "3", home=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "EM, at most 30 iterations" in lines[0]
+    losses = [float(line.split()[4]) for line in lines if line.startswith("iteration ")]
+    assert len(losses) >= 2 and all(b <= a + 1e-4 for a, b in zip(losses, losses[1:]))  # printed to 4 places
+    refused = pyrosweep("train", "--model", "nnhmm", "--data", "synthetic-hmm", "--method", "em", home=tmp_path)
+    assert refused.returncode == 2 and "nnhmm: EM is not available" in refused.stderr

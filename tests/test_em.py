@@ -86,7 +86,7 @@ def test_one_iteration_equals_hmmlearns_where_the_objectives_coincide():
     for n, (begin, length) in enumerate(zip(np.cumsum([0, *lengths[:-1]]), lengths)):
         padded[n, :length] = torch.from_numpy(x[begin : begin + length])
     params = {name: torch.from_numpy(value).unsqueeze(0) for name, value in start.items()}
-    ours = model.em_step(params, padded, torch.tensor(lengths))
+    ours, _ = model.em_step(params, padded, torch.tensor(lengths))
     np.testing.assert_allclose(ours["initial"][0], theirs.startprob_, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(ours["transition"][0], theirs.transmat_, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(ours["means"][0], theirs.means_, rtol=1e-8, atol=1e-10)

@@ -371,6 +371,31 @@ def _gaussian_gradients(x, means, scales, grad, grad_means, grad_scales):
     grad_scales *= inverse
 
 
+@numba.njit(**JIT)
+def _deviations(weights, x, means, out):
+    """``out`` (R, K, D) += ``sum_p weights[r, p, k] * (x[p, d] - means[r, k, d])^2`` for
+    ``weights`` (R, P, K), ``x`` (P, D), ``means`` (R, K, D): EM's weighted squared
+    deviations, summed directly (no cancellation) and without a (P, K, D) intermediate."""
+    R, P, K = weights.shape
+    for r in range(R):
+        for p in range(P):
+            for k in range(K):
+                weight = weights[r, p, k]
+                for d in range(x.shape[1]):
+                    z = x[p, d] - means[r, k, d]
+                    out[r, k, d] += weight * z * z
+
+
+def weighted_deviations(weights: torch.Tensor, x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """``(..., K, D)`` float64 ``sum_p weights * (x - means)^2`` for ``weights``
+    ``(..., P, K)``, points ``x`` ``(P, D)`` and ``means`` ``(..., K, D)``."""
+    batch, (K, D) = means.shape[:-2], means.shape[-2:]
+    flat_weights = weights.detach().double().reshape(-1, *weights.shape[-2:]).contiguous().numpy()
+    out = np.zeros((flat_weights.shape[0], K, D))
+    _deviations(flat_weights, x.detach().double().contiguous().numpy(), means.detach().double().reshape(-1, K, D).contiguous().numpy(), out)
+    return torch.from_numpy(out).reshape(*batch, K, D)
+
+
 class _DiagonalGaussian(torch.autograd.Function):
     """:func:`diagonal_gaussian` with the compiled gradient for ``means`` and ``scales``."""
 

@@ -369,10 +369,11 @@ class Trainer:
         """
         model, split = self.model, self.splits["train"]
         params = model.constrain(self.stacked)
-        losses = model.training_loss_of(params, split.x, split.lengths).double()
+        new, log_likelihood = model.em_step(params, split.x, split.lengths)
+        losses = -(model.log_prior_of(params).double() + log_likelihood.double().sum(-1))
         if not bool(torch.isfinite(losses).all()):
             raise FloatingPointError(f"{model.family}: non-finite EM objective ({losses.tolist()}) at iteration {self.epoch + 1}")
-        for name, value in model.unconstrain(model.em_step(params, split.x, split.lengths)).items():
+        for name, value in model.unconstrain(new).items():
             self.stacked[name].copy_(value)
         return losses / num_frames(split)
 

@@ -255,10 +255,11 @@ class MapModel(SequenceModel):
 
     def em_step(
         self, params: dict[str, torch.Tensor], x: torch.Tensor, lengths: torch.Tensor | None
-    ) -> dict[str, torch.Tensor]:
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One EM iteration from ``params`` (leading batch dims ``(R, ...)``: restarts) on
         the whole of ``x``: the new parameters, constrained, of the same shapes, that
-        maximise the expected complete-data log-likelihood plus the log prior."""
+        maximise the expected complete-data log-likelihood plus the log prior, and the
+        log-likelihood ``(R..., N)`` under ``params`` (the E-step's by-product)."""
         raise NotImplementedError(f"{self.family}: EM is not available for this family; use train: {{method: svi}}")
 
     def network_parameters(self) -> list[torch.nn.Parameter]:

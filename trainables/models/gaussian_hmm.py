@@ -97,7 +97,7 @@ class GaussianHMM(HMMFamily):
         """The means given the current scales, then the scales given the new means (one
         conditional maximisation each: the EM objective still never decreases)."""
         h = self.hparams
-        weights, points = em.flat_points(marginals, x.to(marginals.dtype), lengths)
+        weights, points = em.flat_points(marginals, x.to(marginals.dtype))
         means = em.normal_mean_map(weights, points, params["scales"] ** 2, h.prior_mean_scale)
         deviations = em.squared_deviations(weights, points, means)
         count = weights.sum(-2).unsqueeze(-1).expand_as(deviations)

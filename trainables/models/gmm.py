@@ -83,7 +83,8 @@ class GaussianMixture(MapModel):
         """Responsibilities, then the weights, the means given the current scales and the
         scales given the new means, each tied as ``variance`` says."""
         joint = self.joint_log_probs(params, x)
-        weights = (joint - joint.logsumexp(-1, keepdim=True)).exp()  # (..., N, K)
+        log_likelihood = joint.logsumexp(-1)
+        weights = (joint - log_likelihood.unsqueeze(-1)).exp()  # (..., N, K)
         h, points = self.hparams, x.to(weights.dtype)
         prior = em.base(self.priors()["weights"]).concentration
         locs = em.normal_mean_map(weights, points, self.component_scales(params["scales"]) ** 2, h.prior_loc_scale)
@@ -93,7 +94,7 @@ class GaussianMixture(MapModel):
         if tied:
             count, deviations = count.sum(tied), deviations.sum(tied)
         scales = em.lognormal_scale_map(count, deviations, h.prior_log_scale).to(locs.dtype)
-        return {"weights": em.dirichlet_map(weights.sum(-2), prior), "locs": locs, "scales": scales}
+        return {"weights": em.dirichlet_map(weights.sum(-2), prior), "locs": locs, "scales": scales}, log_likelihood
 
     def component_scales(self, scales: torch.Tensor) -> torch.Tensor:
         """``scales`` of any variance structure (with leading batch dims) as ``(..., K, D)``."""

@@ -94,13 +94,13 @@ class HMMFamily(MapModel):
     def em_step(self, params, x, lengths):
         """The engine's E-step, then the chain's MAP updates under its Dirichlet priors and
         the family's own :meth:`emission_m_step`."""
-        _, marginals, counts = inference.expected_statistics(*self.factors(params, x, lengths), lengths)
+        log_likelihood, marginals, counts = inference.expected_statistics(*self.factors(params, x, lengths), lengths)
         priors = self.priors()
         new = {
             "initial": em.dirichlet_map(marginals[..., 0, :].sum(-2), em.base(priors["initial"]).concentration),
             "transition": em.dirichlet_map(counts.sum(-3), em.base(priors["transition"]).concentration),
         }
-        return {**new, **self.emission_m_step(params, x, lengths, marginals)}
+        return {**new, **self.emission_m_step(params, x, lengths, marginals)}, log_likelihood
 
     def emission_m_step(
         self, params: dict[str, torch.Tensor], x: torch.Tensor, lengths: torch.Tensor, marginals: torch.Tensor
