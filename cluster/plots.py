@@ -204,7 +204,7 @@ def _states_figure(model: SequenceModel, split: Split) -> Figure:
     top = fig.add_subplot(grid[0, 1])
     strip = fig.add_subplot(grid[1, 1], sharex=top)
     title = f"first sequence of the split ({length} frames) and its Viterbi path"
-    if model.observation == "binary":
+    if model.observation in ("binary", "categorical"):  # keys, or one-hot symbols, as a roll
         _piano_roll(fig, top, frames, title)
     else:
         _real_frames(fig, top, frames, states, model.hidden_dim, title)

@@ -38,7 +38,7 @@ AHEAD_WAIT_S = 1.0  # how long the proxy waits for such a body before passing it
 
 # The most bytes one value takes in a body: "1.0, " for a binary model, a float64 written
 # in full ("-1.2345678901234567e-123, ") otherwise; each frame adds "[], ".
-BYTES_PER_VALUE = {"binary": 5, "real": 26}
+BYTES_PER_VALUE = {"binary": 5, "categorical": 5, "counts": 12, "real": 26}
 BYTES_PER_FRAME = 4
 BYTES_AROUND = 64 * 1024  # keys, sequence brackets, white space
 

@@ -164,7 +164,7 @@ class ModelDescription(BaseModel):
     run_id: str | None
     family: str
     data_kind: Literal["sequences", "points"] = Field(description="the key of a request body")
-    observation: Literal["binary", "real"]
+    observation: Literal["binary", "real", "counts", "categorical"]  # trainables.models.contract.Observation (no torch here)
     latent: Literal["states", "components", "continuous"]
     exact: bool
     data_dim: int

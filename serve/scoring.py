@@ -4,7 +4,8 @@ Pure torch on the model's exact engine: no Pyro handlers in the request path (Py
 handler stack is a process global and not thread-safe). Bodies and answers are the
 models of :mod:`serve.schemas` (docs/design.md, "HTTP"); what a body must hold comes from
 the model's declarations (``data_kind``: the body key, ``data_dim``: values per frame,
-``observation``: 0/1 or any finite number), never from its family's name. Every problem
+``observation``: 0/1, counts, one-hot symbols or any finite number), never from its
+family's name. Every problem
 raises :class:`RequestError` with an HTTP status and a ``detail`` that says what and
 where, e.g. ``sequences[3][17]: expected 88 values, got 87``.
 """
@@ -22,6 +23,7 @@ import torch
 from pydantic import ValidationError
 
 from trainables.models import SequenceModel
+from trainables.models.contract import OBSERVATION_RULES, bad_frames, bad_values
 
 from .errors import RequestError
 from .schemas import MAX_FRAMES, MAX_SEQUENCES, METHODS, SampleRequest, check_answer
@@ -59,7 +61,7 @@ def _finite(value: int | float) -> bool:
         return False
 
 
-def _frame(values: Any, where: str, width: int, binary: bool) -> np.ndarray:
+def _frame(values: Any, where: str, width: int, observation: str) -> np.ndarray:
     """One frame (point) checked value by value: the first bad one says what and where."""
     if not isinstance(values, list):
         raise RequestError(422, f"{where}: expected a list of {width} numbers, got {type(values).__name__}")
@@ -70,14 +72,17 @@ def _frame(values: Any, where: str, width: int, binary: bool) -> np.ndarray:
             raise RequestError(422, f"{where}[{d}]: expected a number, got {_shown(value)}")
         if not _finite(value):
             raise RequestError(422, f"{where}[{d}]: expected a finite number, got {_shown(value)}")
-        if binary and value not in (0, 1):
-            raise RequestError(422, f"{where}[{d}]: expected 0 or 1 for a Bernoulli model, got {_shown(value)}")
-    return np.asarray(values, dtype=np.float64)
+        if bad_values(np.array([float(value)]), observation)[0]:
+            raise RequestError(422, f"{where}[{d}]: expected {OBSERVATION_RULES[observation]}, got {_shown(value)}")
+    frame = np.asarray(values, dtype=np.float64)
+    if bad_frames(frame, observation):
+        raise RequestError(422, f"{where}: expected one 1 among {width} values (a one-hot symbol), got {frame.sum():g}")
+    return frame
 
 
-def _fast_frames(frames: list, width: int, binary: bool) -> np.ndarray | None:
+def _fast_frames(frames: list, width: int, observation: str) -> np.ndarray | None:
     """``frames`` as a ``(len(frames), width)`` float64 array when every frame is a list of
-    ``width`` finite JSON numbers (0 or 1 if ``binary``), else None; vectorised (the
+    ``width`` finite JSON numbers that ``observation`` allows, else None; vectorised (the
     value-by-value check is 4-7x slower on a 76 x 88 chorale: bench/bench_request_path.py)."""
     try:
         if not set(map(type, chain.from_iterable(frames))) <= NUMBERS:
@@ -87,17 +92,17 @@ def _fast_frames(frames: list, width: int, binary: bool) -> np.ndarray | None:
         return None
     if array.ndim != 2 or array.shape[1] != width or not np.isfinite(array).all():
         return None
-    if binary and not ((array == 0) | (array == 1)).all():
+    if bad_values(array, observation).any() or bad_frames(array, observation).any():
         return None
     return array
 
 
-def _frames(frames: list, where: str, width: int, binary: bool) -> np.ndarray:
+def _frames(frames: list, where: str, width: int, observation: str) -> np.ndarray:
     """``frames`` (a list of frames or of points) as a ``(len(frames), width)`` array, or
     the ``RequestError`` of the first bad frame ``where[t]``."""
-    array = _fast_frames(frames, width, binary)
+    array = _fast_frames(frames, width, observation)
     if array is None:  # something is wrong: find the first bad place
-        array = np.stack([_frame(frame, f"{where}[{t}]", width, binary) for t, frame in enumerate(frames)])
+        array = np.stack([_frame(frame, f"{where}[{t}]", width, observation) for t, frame in enumerate(frames)])
     return array
 
 
@@ -120,10 +125,9 @@ def _items(body: Any, key: str, what: str) -> list:
 def parse_inputs(model: SequenceModel, body: Any) -> list[np.ndarray]:
     """The validated items of a body (``SequencesRequest`` or ``PointsRequest``, by the
     model's ``data_kind``): float64 arrays, ``(T_i, D)`` per sequence or ``(D,)`` per point."""
-    key, width = model.data_kind, model.data_dim
-    binary = model.observation == "binary"
+    key, width, observation = model.data_kind, model.data_dim, model.observation
     if key == "points":
-        return list(_frames(_items(body, key, f"points of {width} values"), key, width, binary))
+        return list(_frames(_items(body, key, f"points of {width} values"), key, width, observation))
     sequences = _items(body, key, f"sequences of frames of {width} values")
     total = sum(len(s) for s in sequences if isinstance(s, list))
     if total > MAX_FRAMES:
@@ -132,7 +136,7 @@ def parse_inputs(model: SequenceModel, body: Any) -> list[np.ndarray]:
     for n, sequence in enumerate(sequences):
         if not isinstance(sequence, list) or not sequence:
             raise RequestError(422, f"sequences[{n}]: expected a non-empty list of frames")
-        parsed.append(_frames(sequence, f"sequences[{n}]", width, binary))
+        parsed.append(_frames(sequence, f"sequences[{n}]", width, observation))
     return parsed
 
 

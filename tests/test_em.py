@@ -27,6 +27,8 @@ CASES = {
     "hmm": ("synthetic-hmm", {}),
     "arhmm": ("synthetic-hmm", {}),
     "gaussian-hmm": ("synthetic-gaussian-hmm", {}),
+    "categorical-hmm": ("synthetic-categorical-hmm", {}),
+    "poisson-hmm": ("synthetic-poisson-hmm", {}),
     **{f"gmm-{kind}": ("synthetic-gmm", {"variance": kind}) for kind in ("global", "component", "dimension", "component-dimension")},
 }
 
@@ -93,23 +95,31 @@ def test_one_iteration_equals_hmmlearns_where_the_objectives_coincide():
     np.testing.assert_allclose(ours["scales"][0] ** 2, np.diagonal(theirs.covars_, axis1=1, axis2=2), rtol=1e-8)
 
 
-@pytest.mark.parametrize("case", ["gaussian-hmm", "gmm-component-dimension"])
-def test_the_em_fixed_point_is_a_stationary_point_of_the_svi_objective(case):
+STATIONARY = [
+    ("gaussian-hmm", ("initial", "transition", "means", "scales")),
+    ("gmm-component-dimension", ("weights", "locs", "scales")),
+    ("categorical-hmm", ("initial", "emission_probs")),  # their synthetic transitions: rows at the floor
+    ("poisson-hmm", ("initial", "rates")),
+]
+
+
+@pytest.mark.parametrize("case, names", STATIONARY)
+def test_the_em_fixed_point_is_a_stationary_point_of_the_svi_objective(case, names):
     """Both methods maximise the same MAP objective: where EM has converged, the gradient
-    SVI follows vanishes (no probability at the floor here: interior optima)."""
-    trainer = em_trainer(case, epochs=400, restarts=1)
+    SVI follows vanishes, for every parameter inside its domain (transition rows with an
+    entry at ``EM_FLOOR`` are at the cut simplex's edge, where it need not)."""
+    trainer = em_trainer(case, epochs=2000, restarts=1)  # (categorical-hmm creeps along a ridge until ~500)
     model, train = trainer.model, trainer.splits["train"]
 
     def gradient_size() -> float:
         leaves = {name: value.detach().clone().requires_grad_() for name, value in trainer.stacked.items()}
         loss = model.training_loss_of(model.constrain(leaves), train.x, train.lengths).sum()
-        return max(float(g.abs().max()) for g in torch.autograd.grad(loss, list(leaves.values())))
+        gradients = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+        return max(float(gradients[name].abs().max()) for name in names)
 
     at_start = gradient_size()
     while not trainer.done:
         trainer.run_epoch()
-    params = model.constrain(trainer.stacked)
-    assert all(float(value.min()) > 1e-4 for name, value in params.items() if name in ("initial", "transition", "weights"))
     assert gradient_size() <= 1e-6 * at_start
 
 

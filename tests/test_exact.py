@@ -13,13 +13,13 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Normal
+from torch.distributions import Bernoulli, Categorical, Normal, Poisson
 
 from trainables.engines import ENGINE_ENV
 from trainables.models import build_model
 
 RTOL, ATOL = 1e-9, 1e-10
-K_OF = {"hmm": 3, "arhmm": 2, "fhmm": 4, "pfhmm": 4, "hmm2": 2, "nnhmm": 3, "gaussian-hmm": 3}
+K_OF = {"hmm": 3, "arhmm": 2, "fhmm": 4, "pfhmm": 4, "hmm2": 2, "nnhmm": 3, "gaussian-hmm": 3, "categorical-hmm": 3, "poisson-hmm": 3}
 
 
 pytestmark = pytest.mark.usefixtures("engine")  # every test here on both paths (conftest)
@@ -69,6 +69,10 @@ def path_terms(family: str, model, x: torch.Tensor, path: tuple[int, ...]):
         elif family == "nnhmm":
             logits = model.tones(previous[t])[z[t]]
             total += Bernoulli(logits=logits).log_prob(x[t]).sum()
+        elif family == "categorical-hmm":
+            total += Categorical(probs=p["emission_probs"][z[t]]).log_prob(x[t].argmax())
+        elif family == "poisson-hmm":
+            total += Poisson(p["rates"][z[t]]).log_prob(x[t]).sum()
         else:
             total += Normal(p["means"][z[t]], p["scales"][z[t]]).log_prob(x[t]).sum()
     return total, z
@@ -94,6 +98,10 @@ def make_model(family: str, seed: int = 0):
     lengths = torch.tensor([4, 2, 1, 3])
     if family == "gaussian-hmm":
         x = torch.randn(N, T, D, dtype=torch.float64)
+    elif family == "categorical-hmm":
+        x = torch.nn.functional.one_hot(torch.randint(0, D, (N, T)), D).double()
+    elif family == "poisson-hmm":
+        x = torch.poisson(torch.full((N, T, D), 2.5)).double()
     else:
         x = (torch.rand(N, T, D) < 0.4).double()
     model.set_parameters(**model.init_parameters(x, lengths, torch.Generator().manual_seed(seed)))

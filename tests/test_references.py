@@ -7,7 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hmmlearn.hmm import CategoricalHMM as HmmlearnCategoricalHMM
 from hmmlearn.hmm import GaussianHMM as HmmlearnGaussianHMM
+from hmmlearn.hmm import PoissonHMM as HmmlearnPoissonHMM
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from scipy.stats import multivariate_normal
 
@@ -78,6 +80,72 @@ def test_gaussian_hmm_matches_hmmlearn():
         np.testing.assert_allclose(log_joint[n].item(), ref_log_joint, rtol=1e-10)
         np.testing.assert_array_equal(states[n, :length].numpy(), ref_states)
         np.testing.assert_allclose(marginals[n, :length].numpy(), reference.predict_proba(frames), atol=1e-10)
+
+
+#: hmmlearn's families for symbols and counts: (ours, theirs, our emission parameters, its
+#: attribute, our frames -> its observations, our flat-prior hyperparameters, its flat priors)
+DISCRETE = {
+    "categorical-hmm": (
+        HmmlearnCategoricalHMM, "emission_probs", "emissionprob_", lambda x: x.argmax(-1, keepdims=True),
+        {"prior_emission": 1.0}, {"emissionprob_prior": 1.0},
+    ),
+    "poisson-hmm": (
+        HmmlearnPoissonHMM, "rates", "lambdas_", lambda x: x.astype(np.int64),
+        {"prior_rate_shape": 1 + 1e-12, "prior_rate_rate": 1e-30}, {"lambdas_prior": 0.0, "lambdas_weight": 0.0},
+    ),
+}
+CHAIN = {
+    "initial": np.array([0.5, 0.3, 0.2]),
+    "transition": np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.3, 0.6]]),
+}
+
+
+def discrete_case(family: str, lengths=(9, 4, 1, 7, 12)):
+    """Ours and hmmlearn's ``family`` with the same parameters (flat priors on both), and
+    frames sampled from ours, one sequence per length."""
+    peer, ours_name, theirs_name, _, flat, their_flat = DISCRETE[family]
+    rng = np.random.default_rng(1)
+    emission = rng.dirichlet(np.ones(5), 3) if family == "categorical-hmm" else rng.uniform(0.5, 6.0, (3, 4))
+    model = build_model(family, data_dim=emission.shape[1], hidden_dim=3, prior_sticky=1e-300, prior_smooth=1.0, **flat).double()
+    model.set_parameters(**{name: torch.from_numpy(value) for name, value in {**CHAIN, ours_name: emission}.items()})
+    x, _ = model.sample(len(lengths), max(lengths), seed=2)
+    reference = peer(n_components=3, init_params="", params="", **their_flat)
+    reference.startprob_, reference.transmat_ = CHAIN["initial"], CHAIN["transition"]
+    setattr(reference, theirs_name, emission)
+    reference.n_features = emission.shape[1]
+    return model, x, torch.tensor(lengths), reference
+
+
+@pytest.mark.parametrize("family", list(DISCRETE))
+def test_symbol_and_count_families_match_hmmlearn(family):
+    """Per-sequence score, Viterbi path and log-probability and ``predict_proba`` against
+    hmmlearn's ``CategoricalHMM`` / ``PoissonHMM`` with the same parameters, to 1e-10."""
+    model, x, lengths, reference = discrete_case(family)
+    observations = DISCRETE[family][3]
+    log_likelihood = model.log_likelihood(x, lengths).detach()
+    states, log_joint = model.decode(x, lengths)
+    (marginals,) = model.posterior(x, lengths)
+    for n, length in enumerate(lengths.tolist()):
+        frames = observations(x[n, :length].numpy())
+        np.testing.assert_allclose(log_likelihood[n].item(), reference.score(frames), rtol=1e-10)
+        their_log_joint, their_states = reference.decode(frames, algorithm="viterbi")
+        np.testing.assert_allclose(log_joint[n].item(), their_log_joint, rtol=1e-10)
+        np.testing.assert_array_equal(states[n, :length].numpy(), their_states)
+        np.testing.assert_allclose(marginals[n, :length].numpy(), reference.predict_proba(frames), atol=1e-10)
+
+
+@pytest.mark.parametrize("family", list(DISCRETE))
+def test_one_em_iteration_equals_hmmlearns(family):
+    """``fit`` with ``n_iter=1`` from the same parameters, flat priors on both sides."""
+    model, x, lengths, reference = discrete_case(family)
+    _, ours_name, theirs_name, observations, _, _ = DISCRETE[family]
+    reference.n_iter, reference.params = 1, "ste" if family == "categorical-hmm" else "stl"
+    frames = [observations(x[n, :length].numpy()) for n, length in enumerate(lengths.tolist())]
+    reference.fit(np.concatenate(frames), [len(f) for f in frames])
+    params = {name: value.unsqueeze(0) for name, value in model.get_parameters().items()}
+    ours, _ = model.em_step(params, x, lengths)
+    for name, theirs in (("initial", "startprob_"), ("transition", "transmat_"), (ours_name, theirs_name)):
+        np.testing.assert_allclose(ours[name][0].numpy(), getattr(reference, theirs), rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("variance", ["global", "component", "dimension", "component-dimension"])

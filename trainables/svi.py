@@ -23,6 +23,7 @@ import torch
 from . import inference
 from .data import Dataset, Split
 from .models import MapModel, SequenceModel
+from .models.contract import observation_problem
 from .settings import TrainConfig
 
 @dataclass
@@ -104,6 +105,15 @@ def engine_path(model, split: Split, device: torch.device) -> str | None:
     if not hasattr(model, "state_labels") or split.lengths is None:
         return None
     return inference.path(device, len(model.state_labels()), int(split.x.shape[1]))
+
+
+def check_observations(model: SequenceModel, split: Split, name: str) -> None:
+    """Refuse a split whose real frames the family cannot score (counts that are not
+    non-negative integers, frames that are not one-hot, ...), naming the first place."""
+    real = None if split.lengths is None else inference.frame_mask(split.lengths, split.x.shape[1]).cpu().numpy()
+    problem = observation_problem(split.x.detach().cpu().double().numpy(), model.observation, real)
+    if problem is not None:
+        raise ValueError(f"{model.family}: the {name} split's x{problem}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -252,6 +262,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
         self.config = config
+        for name, split in data.splits.items():
+            check_observations(model, split, name)
         self.splits = {name: _to(split, self.device) for name, split in data.splits.items()}
         self.generator = torch.Generator().manual_seed(config.seed)
         self.screening: list[float] = []

@@ -40,6 +40,8 @@ DATASETS: dict[str, str] = {
     "synthetic-hmm": "binary sequences sampled from a Bernoulli-emission HMM with known parameters",
     "synthetic-gaussian-hmm": "real sequences sampled from a Gaussian HMM with known parameters",
     "synthetic-gmm": "points sampled from a Gaussian mixture with known parameters",
+    "synthetic-categorical-hmm": "one-hot symbol sequences sampled from a categorical HMM with known parameters",
+    "synthetic-poisson-hmm": "count sequences sampled from a Poisson HMM with known parameters",
 }
 
 

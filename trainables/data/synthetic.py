@@ -3,7 +3,9 @@ from a seed, split 60/20/20 like ``jsb``, returned with those true parameters.
 
 - ``synthetic-hmm``: binary frames from a Bernoulli ``hmm``;
 - ``synthetic-gaussian-hmm``: real frames from a ``gaussian-hmm``;
-- ``synthetic-gmm``: points from a ``gmm`` with per-component, per-dimension scales.
+- ``synthetic-gmm``: points from a ``gmm`` with per-component, per-dimension scales;
+- ``synthetic-categorical-hmm``: one-hot symbols (6 by default) from a ``categorical-hmm``;
+- ``synthetic-poisson-hmm``: counts (3 per frame by default) from a ``poisson-hmm``.
 
 Sequences have ragged lengths, uniform between ``length // 2`` and ``length``.
 """
@@ -44,6 +46,15 @@ def _gaussian_hmm(K: int, D: int, generator: torch.Generator) -> dict[str, torch
     }
 
 
+def _categorical_hmm(K: int, V: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    weights = 0.2 + torch.rand((K, V), generator=generator) ** 3  # a few likely symbols per state
+    return {**_chain(K, generator), "emission_probs": weights / weights.sum(-1, keepdim=True)}
+
+
+def _poisson_hmm(K: int, D: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {**_chain(K, generator), "rates": 0.5 + 9.5 * torch.rand((K, D), generator=generator)}
+
+
 def _gmm(K: int, D: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     return {
         "weights": torch.full((K,), 1.0 / K),
@@ -58,6 +69,8 @@ SYNTHETIC: dict[str, tuple[str, int, Callable[[int, int, torch.Generator], dict[
     "synthetic-hmm": ("hmm", 8, _bernoulli_hmm),
     "synthetic-gaussian-hmm": ("gaussian-hmm", 2, _gaussian_hmm),
     "synthetic-gmm": ("gmm", 2, _gmm),
+    "synthetic-categorical-hmm": ("categorical-hmm", 6, _categorical_hmm),
+    "synthetic-poisson-hmm": ("poisson-hmm", 3, _poisson_hmm),
 }
 
 

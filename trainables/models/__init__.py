@@ -11,6 +11,7 @@ import pyro
 
 from .base import MapModel, SequenceModel
 from .contract import Hyperparameters
+from .discrete_hmm import CategoricalHMM, PoissonHMM
 from .dmm import DeepMarkovModel
 from .gaussian_hmm import GaussianHMM
 from .gmm import GaussianMixture
@@ -52,6 +53,8 @@ for _family in (
         SecondOrderHMM,
         NeuralHMM,
         GaussianHMM,
+        CategoricalHMM,
+        PoissonHMM,
         DeepMarkovModel,
         GaussianMixture,
 ):

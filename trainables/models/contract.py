@@ -7,7 +7,9 @@ A family class sets:
 
 - ``data_kind``: ``"sequences"`` (``x`` ``(N, T, D)`` with ``lengths`` ``(N,)``) or
   ``"points"`` (``x`` ``(N, D)``, no lengths); it is also the key of an HTTP body.
-- ``observation``: ``"binary"`` (every value 0 or 1) or ``"real"`` (any finite number).
+- ``observation``: ``"binary"`` (every value 0 or 1), ``"real"`` (any finite number),
+  ``"counts"`` (non-negative integers) or ``"categorical"`` (one-hot frames: a single 1,
+  0 elsewhere; symbol ``s`` of V is a 1 at index ``s``).
 - ``latent``: ``"states"`` (a discrete chain: decoding gives a state per frame),
   ``"components"`` (a mixture: a component per point) or ``"continuous"`` (a latent
   vector per frame).
@@ -21,14 +23,56 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal, NamedTuple
 
+import numpy as np
 import torch
 from pydantic import AfterValidator, Field
 
 from ..declared import Declared
 
 DataKind = Literal["sequences", "points"]
-Observation = Literal["binary", "real"]
+Observation = Literal["binary", "real", "counts", "categorical"]
 Latent = Literal["states", "components", "continuous"]
+
+
+#: what a value (and for one-hot symbols, a frame) of each observation kind must be
+OBSERVATION_RULES = {
+    "binary": "0 or 1 for a Bernoulli model",
+    "real": "a finite number",
+    "counts": "a non-negative integer count",
+    "categorical": "0 or 1 in a one-hot frame (symbol s of V is a 1 at index s)",
+}
+
+
+def bad_values(frames: np.ndarray, observation: Observation) -> np.ndarray:
+    """Boolean mask, the shape of the finite ``frames`` ``(..., D)``, of the values
+    ``observation`` does not allow."""
+    if observation in ("binary", "categorical"):
+        return (frames != 0) & (frames != 1)
+    if observation == "counts":
+        return (frames < 0) | (frames != np.floor(frames))
+    return np.zeros(frames.shape, dtype=bool)
+
+
+def bad_frames(frames: np.ndarray, observation: Observation) -> np.ndarray:
+    """Boolean mask ``(...)`` of the frames ``(..., D)`` that are not one-hot, for
+    ``categorical`` (no frame is bad for the other kinds)."""
+    if observation != "categorical":
+        return np.zeros(frames.shape[:-1], dtype=bool)
+    return frames.sum(-1) != 1
+
+
+def observation_problem(x: np.ndarray, observation: Observation, real: np.ndarray | None = None) -> str | None:
+    """The first value or frame of ``x`` ``(..., D)`` (its ``real`` frames ``(...)``, all if
+    ``None``) that ``observation`` does not allow, as ``[n, t, d] is v; expected ...``;
+    ``None`` if every one is fine."""
+    real = np.ones(x.shape[:-1], dtype=bool) if real is None else real
+    values = np.argwhere(bad_values(x, observation) & real[..., None])
+    if len(values):
+        return f"{list(values[0])} is {x[tuple(values[0])]:g}; expected {OBSERVATION_RULES[observation]}"
+    frames = np.argwhere(bad_frames(x, observation) & real)
+    if len(frames):
+        return f"{list(frames[0])} has {x[tuple(frames[0])].sum():g} ones; expected {OBSERVATION_RULES[observation]}"
+    return None
 
 
 class Hyperparameters(Declared):

@@ -1,0 +1,124 @@
+"""HMMs for symbols and counts, hmmlearn's ``CategoricalHMM`` and ``PoissonHMM`` on the
+one engine: each family only supplies its emission factors, sampling and M-step.
+
+- ``categorical-hmm``: one symbol per frame out of ``data_dim`` = V, given one-hot:
+  frames ``(N, T, V)`` with a single 1 (symbol ``s`` is a 1 at index ``s``);
+  ``emission_probs`` ``(K, V)`` under a flat ``Dirichlet(prior_emission)``.
+- ``poisson-hmm``: non-negative integer counts per dimension; ``rates`` ``(K, D)`` under a
+  ``Gamma(prior_rate_shape, prior_rate_rate)`` (shape above 1: the MAP rate stays positive).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from pyro import distributions as dist
+
+from ..inference import frame_mask
+from . import em
+from .hmm_base import ChainHyperparameters, HMMFamily
+from .parts import flat_dirichlet, safe_log, sticky_simplex, uniform_simplex
+
+
+class CategoricalHyperparameters(ChainHyperparameters):
+    """The chain priors and a flat Dirichlet on every state's symbol distribution."""
+
+    prior_emission: float = Field(1.1, gt=0, description="flat Dirichlet weight of every state's symbol probabilities")
+
+
+class CategoricalHMM(HMMFamily):
+    """``categorical-hmm``: parameters ``initial`` ``(K,)``, ``transition`` ``(K, K)`` and
+    ``emission_probs`` ``(K, V)``; frames are one-hot ``(N, T, V)``."""
+
+    family = "categorical-hmm"
+    observation = "categorical"
+    hyperparameters = CategoricalHyperparameters
+
+    def priors(self):
+        K, V = self.hidden_dim, self.data_dim
+        return {
+            "initial": self._initial_prior(K),
+            "transition": self._transition_prior(K),
+            "emission_probs": flat_dirichlet((K, V), self.hparams.prior_emission, self._anchor),
+        }
+
+    def init_parameters(self, x, lengths, generator):
+        K, V = self.hidden_dim, self.data_dim
+        emission = uniform_simplex((K, V), generator)
+        if x is not None:  # around the symbols' frequencies in the data
+            frequency = x.cpu()[frame_mask(lengths.cpu(), x.shape[1])].mean(0)
+            emission = 0.5 * emission + 0.5 * frequency
+        return {
+            "initial": uniform_simplex((K,), generator),
+            "transition": sticky_simplex((K, K), generator),
+            "emission_probs": emission,
+        }
+
+    def emission_log_probs(self, params, x):
+        """``(..., N, T, K)``: ``log emission_probs[k, symbol]`` (one matrix product)."""
+        return torch.einsum("ntv,...sv->...nts", x.to(params["emission_probs"].dtype), safe_log(params["emission_probs"]))
+
+    def sample_emissions(self, params, states, generator):
+        probs = params["emission_probs"][states]  # (N, T, V)
+        symbols = torch.multinomial(probs.reshape(-1, self.data_dim), 1, generator=generator)
+        return torch.nn.functional.one_hot(symbols.reshape(states.shape), self.data_dim).to(probs.dtype)
+
+    def emission_m_step(self, params, x, lengths, marginals):
+        counts = torch.einsum("...nts,ntv->...sv", marginals, x.to(marginals.dtype))
+        return {"emission_probs": em.dirichlet_map(counts, em.base(self.priors()["emission_probs"]).concentration)}
+
+
+class PoissonHyperparameters(ChainHyperparameters):
+    """The chain priors and a Gamma prior on every rate."""
+
+    prior_rate_shape: float = Field(1.1, gt=1, description="Gamma(shape, rate) prior on every Poisson rate: shape")
+    prior_rate_rate: float = Field(0.01, gt=0, description="Gamma(shape, rate) prior on every Poisson rate: rate")
+
+
+class PoissonHMM(HMMFamily):
+    """``poisson-hmm``: parameters ``initial`` ``(K,)``, ``transition`` ``(K, K)`` and
+    ``rates`` ``(K, D)``; frames are non-negative integer counts ``(N, T, D)``."""
+
+    family = "poisson-hmm"
+    observation = "counts"
+    hyperparameters = PoissonHyperparameters
+
+    def priors(self):
+        K, D, h = self.hidden_dim, self.data_dim, self.hparams
+        shape = torch.full((K, D), h.prior_rate_shape, dtype=self._anchor.dtype, device=self._anchor.device)
+        return {
+            "initial": self._initial_prior(K),
+            "transition": self._transition_prior(K),
+            "rates": dist.Gamma(shape, h.prior_rate_rate).to_event(2),
+        }
+
+    def init_parameters(self, x, lengths, generator):
+        K, D = self.hidden_dim, self.data_dim
+        spread = 0.5 + torch.rand((K, D), generator=generator)
+        mean = x.cpu()[frame_mask(lengths.cpu(), x.shape[1])].mean(0).clamp_min(0.1) if x is not None else torch.ones(D)
+        return {
+            "initial": uniform_simplex((K,), generator),
+            "transition": sticky_simplex((K, K), generator),
+            "rates": mean * spread,
+        }
+
+    def emission_log_probs(self, params, x):
+        """``(..., N, T, K)``: ``sum_d x log rate - rate - log x!`` (one matrix product)."""
+        rates = params["rates"]
+        x = x.to(rates.dtype)
+        return (
+            torch.einsum("ntd,...sd->...nts", x, safe_log(rates))
+            - rates.sum(-1)[..., None, None, :]
+            - torch.lgamma(x + 1).sum(-1, keepdim=True)
+        )
+
+    def sample_emissions(self, params, states, generator):
+        return torch.poisson(params["rates"][states], generator=generator)
+
+    def emission_m_step(self, params, x, lengths, marginals):
+        """``(sum w x + shape - 1) / (sum w + rate)``: the Gamma prior's MAP rate."""
+        h = self.hparams
+        x = x.to(marginals.dtype)
+        totals = torch.einsum("...nts,ntd->...sd", marginals, x)
+        visits = marginals.sum((-3, -2)).unsqueeze(-1)
+        return {"rates": (totals + h.prior_rate_shape - 1) / (visits + h.prior_rate_rate)}
