@@ -56,6 +56,8 @@ pytestmark = pytest.mark.slow
 FAMILIES = {
     "hmm": ("synthetic-hmm", {}),
     "gaussian-hmm": ("synthetic-gaussian-hmm", {}),
+    "categorical-hmm": ("synthetic-categorical-hmm", {}),
+    "poisson-hmm": ("synthetic-poisson-hmm", {}),
     "gmm": ("synthetic-gmm", {}),
     "dmm": ("synthetic-hmm", {"emission_dim": 8, "transition_dim": 8, "rnn_dim": 8}),
 }
@@ -222,6 +224,28 @@ def test_bad_requests_get_a_4xx_that_says_what_and_where(server, method, body, s
     answer_status, answer = post(f"{url}/v1/{method}", body)
     assert answer_status == status and detail in answer["detail"], answer
     assert get(f"{url}/healthz")[0] == 200
+
+
+OBSERVATION_REQUESTS = [
+    ("categorical-hmm", [[0, 0, 1, 0, 0, 0], [0, 1, 1, 0, 0, 0]], "sequences[0][1]: expected one 1 among 6 values (a one-hot symbol), got 2"),
+    ("categorical-hmm", [[0, 0, 0, 0, 0, 0]], "sequences[0][0]: expected one 1 among 6 values (a one-hot symbol), got 0"),
+    ("categorical-hmm", [[0, 0, 2, 0, 0, 0]], "sequences[0][0][2]: expected 0 or 1 in a one-hot frame"),
+    ("categorical-hmm", [3, 1], "sequences[0][0]: expected a list of 6 numbers, got int"),
+    ("poisson-hmm", [[1, 0, 2], [1.5, 0, 2]], "sequences[0][1][0]: expected a non-negative integer count, got 1.5"),
+    ("poisson-hmm", [[-1, 0, 2]], "sequences[0][0][0]: expected a non-negative integer count, got -1"),
+]
+
+
+@pytest.mark.parametrize("family, frames, detail", OBSERVATION_REQUESTS)
+def test_symbols_and_counts_are_checked_where_they_are_wrong(server, family, frames, detail):
+    """One-hot symbols and counts (the families' declared observation kinds): a 422 that
+    says what and where; well-formed ones are answered."""
+    url = f"{server['base']}/{family}"
+    status, answer = post(f"{url}/v1/score", {"sequences": [frames]})
+    assert status == 422 and detail in answer["detail"], answer
+    width = 6 if family == "categorical-hmm" else 3
+    good = [[1] + [0] * (width - 1), [0, 1] + [0] * (width - 2)]
+    assert post(f"{url}/v1/score", {"sequences": [good]})[0] == 200
 
 
 def test_non_finite_answers_are_written_as_pythons_json_writes_them(server):

@@ -23,7 +23,7 @@ from pyarrow import fs
 from ray import tune
 
 from cluster.sweep import run_sweep
-from cluster.sweep_file import load_sweep_file
+from cluster.sweep_file import load_sweep_file, num_trials
 from cluster.mlflow_layout import PARENT_TAG, TRIAL_TAG
 from helpers import free_port, mlflow_runs, write_sweep
 from test_speed_paths import assert_same_run, restart_setting
@@ -338,13 +338,13 @@ def test_a_bad_sweep_file_is_refused_before_ray_starts(tmp_path):
     assert time.perf_counter() - started < 60
 
 
-@pytest.mark.parametrize("config", ["gmm-synthetic.yaml", "gaussian-hmm-synthetic.yaml"])
-def test_example_configs_run_with_their_scheduler_and_search(tmp_path, ray_address, config):
-    spec = load_sweep_file(Path(__file__).parents[1] / "configs" / config, {"num_samples": 2})
+@pytest.mark.parametrize("config, samples", [("gmm-synthetic.yaml", 2), ("gaussian-hmm-synthetic.yaml", 2), ("categorical-hmm-synthetic.yaml", 1)])
+def test_example_configs_run_with_their_scheduler_and_search(tmp_path, ray_address, config, samples):
+    spec = load_sweep_file(Path(__file__).parents[1] / "configs" / config, {"num_samples": samples})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     outcome = run_sweep(spec, tracking=uri, storage=str(tmp_path / "ray"))
     _, parents, children = mlflow_runs(uri, spec.name)
-    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+    assert len(children) == num_trials(spec) and {c.info.status for c in children} == {"FINISHED"}
     assert outcome.best is not None and parents[0].info.status == "FINISHED"
 
 

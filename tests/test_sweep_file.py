@@ -83,6 +83,14 @@ EXPECTED_CONFIGS = {
         {"hidden_dim": lambda d: d == {"grid_search": [8, 16]}, "lr": lambda d: d == 0.05, "seed": lambda d: d == 0},
         2,
     ),
+    "categorical-hmm-synthetic.yaml": (
+        {"hidden_dim": lambda d: d == {"grid_search": [2, 3, 4]}, "seed": lambda d: d == {"grid_search": [0, 1]}},
+        6,
+    ),
+    "poisson-hmm-synthetic.yaml": (
+        {"hidden_dim": lambda d: d == {"grid_search": [2, 3, 4]}, "method": lambda d: d == {"grid_search": ["svi", "em"]}},
+        6,
+    ),
     "gmm-synthetic.yaml": (
         {"variance": lambda d: is_choice(d, ["global", "component", "dimension", "component-dimension"])},
         4,
