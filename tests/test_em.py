@@ -23,20 +23,20 @@ from trainables.models import build_model
 from trainables.settings import TrainConfig
 from trainables.svi import Trainer
 
-CASES = {
-    "hmm": ("synthetic-hmm", {}),
-    "arhmm": ("synthetic-hmm", {}),
-    "gaussian-hmm": ("synthetic-gaussian-hmm", {}),
-    "categorical-hmm": ("synthetic-categorical-hmm", {}),
-    "poisson-hmm": ("synthetic-poisson-hmm", {}),
-    **{f"gmm-{kind}": ("synthetic-gmm", {"variance": kind}) for kind in ("global", "component", "dimension", "component-dimension")},
+CASES = {  # case -> (family, data set, hyperparameters)
+    "hmm": ("hmm", "synthetic-hmm", {}),
+    "arhmm": ("arhmm", "synthetic-hmm", {}),
+    **{f"gaussian-hmm-{kind}": ("gaussian-hmm", "synthetic-gaussian-hmm", {"covariance": kind})
+       for kind in ("diag", "spherical", "full", "tied")},
+    "categorical-hmm": ("categorical-hmm", "synthetic-categorical-hmm", {}),
+    "poisson-hmm": ("poisson-hmm", "synthetic-poisson-hmm", {}),
+    **{f"gmm-{kind}": ("gmm", "synthetic-gmm", {"variance": kind}) for kind in ("global", "component", "dimension", "component-dimension")},
 }
 
 
 def em_trainer(case: str, epochs: int = 25, tolerance: float = 0.0, restarts: int = 3, seed: int = 0) -> Trainer:
     """A float64 EM trainer of ``case`` with ``restarts`` stacked starts."""
-    name, hparams = CASES[case]
-    family = case.split("-")[0] if case.startswith("gmm") else case
+    family, name, hparams = CASES[case]
     options = {"num_sequences": 40, "length": 30} if family != "gmm" else {}
     data = in_float64(load_dataset(name, seed=seed, **options))
     model = build_model(family, data_dim=data.data_dim, hidden_dim=3, **hparams).double()
@@ -96,9 +96,10 @@ def test_one_iteration_equals_hmmlearns_where_the_objectives_coincide():
 
 
 STATIONARY = [
-    ("gaussian-hmm", ("initial", "transition", "means", "scales")),
+    ("gaussian-hmm-diag", ("initial", "transition", "means", "scales")),
+    ("gaussian-hmm-full", ("initial", "transition", "means", "scale_tril")),
     ("gmm-component-dimension", ("weights", "locs", "scales")),
-    ("categorical-hmm", ("initial", "emission_probs")),  # their synthetic transitions: rows at the floor
+    ("categorical-hmm", ("emission_probs",)),  # its synthetic chain: entries at the floor
     ("poisson-hmm", ("initial", "rates")),
 ]
 

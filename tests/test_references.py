@@ -68,6 +68,80 @@ def gaussian_case(seed=0, K=3, D=2, lengths=(9, 4, 1, 7)):
     return model, x, lengths, reference
 
 
+#: hmmlearn's covars_ layout per covariance type, from full (K, D, D) covariances
+HMMLEARN_COVARS = {
+    "diag": lambda c: np.diagonal(c, axis1=1, axis2=2),
+    "spherical": lambda c: np.diagonal(c, axis1=1, axis2=2)[:, 0],
+    "full": lambda c: c,
+    "tied": lambda c: c[0],
+}
+
+
+def covariance_case(covariance: str, lengths=(9, 4, 1, 7, 12)):
+    """Ours and hmmlearn's Gaussian HMM of ``covariance`` type with the same parameters."""
+    rng = np.random.default_rng(3)
+    K, D = 3, 2
+    model = build_model("gaussian-hmm", data_dim=D, hidden_dim=K, covariance=covariance).double()
+    params = {"initial": CHAIN["initial"], "transition": CHAIN["transition"], "means": rng.normal(scale=2.0, size=(K, D))}
+    factor = np.tril(rng.normal(size=(K, D, D)), -1) * 0.5 + np.eye(D) * rng.uniform(0.5, 1.5, (K, D, 1))
+    params.update({
+        "diag": {"scales": rng.uniform(0.5, 1.5, (K, D))},
+        "spherical": {"scales": rng.uniform(0.5, 1.5, K)},
+        "full": {"scale_tril": factor},
+        "tied": {"scale_tril": factor[0]},
+    }[covariance])
+    model.set_parameters(**{name: torch.from_numpy(value) for name, value in params.items()})
+    x, _ = model.sample(len(lengths), max(lengths), seed=4)
+    reference = HmmlearnGaussianHMM(n_components=K, covariance_type=covariance, init_params="", params="")
+    reference.n_features = D
+    reference.startprob_, reference.transmat_, reference.means_ = CHAIN["initial"], CHAIN["transition"], params["means"]
+    reference.covars_ = HMMLEARN_COVARS[covariance](model.get_parameters()["covariances"].numpy())
+    return model, x, torch.tensor(lengths), reference
+
+
+@pytest.mark.parametrize("covariance", list(HMMLEARN_COVARS))
+def test_every_covariance_type_matches_hmmlearn(covariance):
+    """Per-sequence score, Viterbi and ``predict_proba`` against hmmlearn's ``GaussianHMM``
+    of the same ``covariance_type`` and parameters, to 1e-10; ``covariances`` read back as
+    its ``covars_`` (full matrices)."""
+    model, x, lengths, reference = covariance_case(covariance)
+    covariances = model.get_parameters()["covariances"].numpy()
+    np.testing.assert_allclose(covariances, reference.covars_, rtol=1e-12)  # both full (K, D, D)
+    log_likelihood = model.log_likelihood(x, lengths).detach()
+    states, log_joint = model.decode(x, lengths)
+    (marginals,) = model.posterior(x, lengths)
+    for n, length in enumerate(lengths.tolist()):
+        frames = x[n, :length].numpy()
+        np.testing.assert_allclose(log_likelihood[n].item(), reference.score(frames), rtol=1e-10)
+        their_log_joint, their_states = reference.decode(frames, algorithm="viterbi")
+        np.testing.assert_allclose(log_joint[n].item(), their_log_joint, rtol=1e-10)
+        np.testing.assert_array_equal(states[n, :length].numpy(), their_states)
+        np.testing.assert_allclose(marginals[n, :length].numpy(), reference.predict_proba(frames), atol=1e-10)
+
+
+@pytest.mark.parametrize("covariance", ["full", "tied"])
+def test_one_em_iteration_of_full_and_tied_equals_hmmlearns(covariance):
+    """hmmlearn's full/tied M-step is an inverse-Wishart mode: ``(covars_prior +
+    scatter) / (max(covars_weight - D, 0) + n)``; ours with ``psi I`` and ``nu`` degrees
+    of freedom is ``(psi I + scatter) / (n + nu + D + 1)``: the same with
+    ``covars_prior = psi I`` and ``covars_weight = nu + 2 D + 1`` (means: flat on both)."""
+    model, x, lengths, reference = covariance_case(covariance)
+    D, psi = 2, 0.3
+    flat = build_model("gaussian-hmm", data_dim=D, hidden_dim=3, covariance=covariance, prior_mean_scale=1e12,
+                       prior_covariance_scale=psi, prior_covariance_dof=2.0, prior_sticky=1e-300, prior_smooth=1.0).double()
+    nu = flat.inverse_wishart_df
+    reference.set_params(n_iter=1, params="stmc", means_weight=0.0, covars_prior=psi * np.eye(D), covars_weight=nu + 2 * D + 1)
+    frames = [x[n, :length].numpy() for n, length in enumerate(lengths.tolist())]
+    reference.fit(np.concatenate(frames), [len(f) for f in frames])
+    params = {name: value.unsqueeze(0) for name, value in model.get_parameters().items() if name != "covariances"}
+    ours, _ = flat.em_step(params, x, lengths)
+    np.testing.assert_allclose(ours["initial"][0], reference.startprob_, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(ours["transition"][0], reference.transmat_, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(ours["means"][0], reference.means_, rtol=1e-8, atol=1e-10)
+    covariance_ours = ours["scale_tril"][0] @ ours["scale_tril"][0].transpose(-1, -2)
+    np.testing.assert_allclose(covariance_ours, reference._covars_, rtol=1e-8, atol=1e-12)
+
+
 def test_gaussian_hmm_matches_hmmlearn():
     model, x, lengths, reference = gaussian_case()
     ours_ll = model.log_likelihood(x, lengths).detach()

@@ -7,12 +7,14 @@ expected_statistics`). A Dirichlet or Beta prior with a concentration below 1 (t
 transition prior's off-diagonal 0.1, the Beta(0.1, 0.9) emission prior) has no maximum
 inside the simplex where the data give a coordinate fewer than ``1 - concentration``
 expected counts: the objective grows without bound as that probability goes to 0, under
-SVI too (whose steps only slow the descent). There every update stops at ``EM_FLOOR``
-and is exact on the simplex cut to probabilities ``>= EM_FLOOR`` (hmmlearn's rule,
-``max(counts + concentration - 1, 0)``, with that floor). The floor is 1e-4: on jsb
-(``hmm`` K=16) a floor of 1e-6 left probabilities that held-out chorales contradict
-(validation NLL 8.82 against SVI's 8.50), 1e-4 and 1e-3 generalise as well as SVI (8.47,
-8.48), 1e-2 does not (9.07). Leading dims ``(...)`` are restarts.
+SVI too (whose steps only slow the descent). Such coordinates are cut at ``EM_FLOOR``
+(at most a tenth of a uniform share), always, so every update is the exact maximiser on
+one fixed domain and the objective never decreases (hmmlearn's rule, ``max(counts +
+concentration - 1, 0)``, with that floor); coordinates whose concentration is at least 1
+are not cut. The floor is 1e-4: on jsb (``hmm`` K=16) a floor of 1e-6 left probabilities
+that held-out chorales contradict (validation NLL 8.82 against SVI's 8.50), 1e-4 and 1e-3
+generalise as well as SVI (8.47, 8.48), 1e-2 does not (9.07). Leading dims ``(...)`` are
+restarts.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch.distributions import Distribution
 from .. import compiled
 from ..inference import compiled_on
 
-EM_FLOOR = 1e-4  # the smallest probability an M-step gives
+EM_FLOOR = 1e-4  # the smallest probability an M-step gives where the prior's concentration is below 1
 NEWTON_STEPS = 40  # the log-scale equation's Newton iterations (converged to rounding in < 10)
 
 
@@ -34,28 +36,46 @@ def base(prior: Distribution) -> Distribution:
     return prior
 
 
+def floors(concentration: torch.Tensor, size: int, like: torch.Tensor) -> torch.Tensor:
+    """The smallest probability an M-step gives each coordinate: ``min(EM_FLOOR, 0.1 /
+    size)`` where the prior's concentration is below 1 (there the objective is unbounded
+    towards 0), else the smallest normal float (logs stay finite)."""
+    cut = min(EM_FLOOR, 0.1 / size)
+    return torch.where(concentration < 1, cut, torch.finfo(like.dtype).tiny).to(like.dtype)
+
+
 def dirichlet_map(counts: torch.Tensor, concentration: torch.Tensor) -> torch.Tensor:
-    """Probabilities ``(..., K)`` maximising ``sum_k (counts_k + concentration_k - 1) log p_k``
-    over the simplex cut at ``min(EM_FLOOR, 0.1 / K)``: proportional to the positive
-    weights, the floor where a weight is not positive (a row without one: the largest
-    weights share)."""
+    """Probabilities ``(..., K)`` maximising ``sum_k w_k log p_k``, ``w = counts +
+    concentration - 1``, over the simplex cut at :func:`floors` ``f``: ``f_k`` where
+    ``w_k <= 0``, else ``max(f_k, w_k / lambda)`` with ``lambda`` making them sum to 1
+    (water-filling, at most K rounds); a row without a positive weight gives its mass to
+    its largest weight's entry. With flat priors (concentration 1) this is hmmlearn's
+    ``max(counts, 0)`` normalised."""
     weight = counts + concentration - 1
-    positive = torch.where(weight > 0, weight, 0.0)
-    none = positive.sum(-1, keepdim=True) == 0
-    positive = torch.where(none, (weight == weight.amax(-1, keepdim=True)).to(weight.dtype), positive)
-    share = positive > 0
-    floor = min(EM_FLOOR, 0.1 / weight.size(-1))  # a floor that leaves most of the mass to the data
-    rest = 1 - (~share).sum(-1, keepdim=True) * floor
-    return torch.where(share, positive / positive.sum(-1, keepdim=True) * rest, floor)
+    floor = floors(concentration, weight.size(-1), weight).expand_as(weight)
+    none = ~(weight > 0).any(-1, keepdim=True)
+    largest = torch.nn.functional.one_hot(weight.argmax(-1), weight.size(-1)).bool()
+    weight = torch.where(none, largest.to(weight.dtype), weight)
+    free = weight > 0
+    for _ in range(weight.size(-1)):
+        rest = 1 - torch.where(free, 0.0, floor).sum(-1, keepdim=True)
+        share = torch.where(free, weight, 0.0)
+        probs = torch.where(free, share / share.sum(-1, keepdim=True) * rest, floor)
+        below = free & (probs < floor)
+        if not bool(below.any()):
+            break
+        free = free & ~below
+    return probs
 
 
 def beta_map(ones: torch.Tensor, zeros: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The probability maximising ``(ones + a - 1) log p + (zeros + b - 1) log(1 - p)`` on
-    ``[EM_FLOOR, 1 - EM_FLOOR]``: the interior mode, clipped, where both weights are
-    positive; else the end the larger weight favours."""
+    ``[f_a, 1 - f_b]`` (:func:`floors` of ``a`` and ``b``): the interior mode, clipped,
+    where both weights are positive; else the end the larger weight favours."""
     on, off = ones + a - 1, zeros + b - 1
-    interior = (on / (on + off).clamp_min(torch.finfo(on.dtype).tiny)).clamp(EM_FLOOR, 1 - EM_FLOOR)
-    end = torch.where(on > off, 1 - EM_FLOOR, EM_FLOOR)
+    low, high = floors(a, 2, on), 1 - floors(b, 2, on)
+    interior = torch.minimum(torch.maximum(on / (on + off).clamp_min(torch.finfo(on.dtype).tiny), low), high)
+    end = torch.where(on > off, high, low)
     return torch.where((on > 0) & (off > 0), interior, end)
 
 
@@ -65,6 +85,25 @@ def normal_mean_map(weights: torch.Tensor, x: torch.Tensor, variance: torch.Tens
     ``variance`` ``(..., K, D)``: ``sum w x / (sum w + variance / prior_scale^2)``."""
     total = weights.sum(-2).unsqueeze(-1)
     return torch.matmul(weights.transpose(-1, -2), x) / (total + variance / prior_scale**2)
+
+
+def gaussian_mean_map(weights: torch.Tensor, x: torch.Tensor, scale_tril: torch.Tensor, prior_scale: float) -> torch.Tensor:
+    """Means ``(..., K, D)`` under a ``Normal(0, prior_scale)`` prior given the
+    responsibilities ``weights`` ``(..., P, K)`` of points ``x`` ``(P, D)`` and the current
+    covariances' Cholesky factors ``scale_tril`` ``(..., K, D, D)``:
+    ``(n Sigma^-1 + I / prior_scale^2)^-1 Sigma^-1 sum w x``."""
+    precision = torch.cholesky_inverse(scale_tril.double())
+    eye = torch.eye(x.shape[-1], dtype=torch.float64, device=x.device)
+    total = weights.double().sum(-2)[..., None, None]
+    first = torch.matmul(weights.double().transpose(-1, -2), x.double()).unsqueeze(-1)  # (..., K, D, 1)
+    return torch.linalg.solve(total * precision + eye / prior_scale**2, precision @ first).squeeze(-1).to(x.dtype)
+
+
+def scatter(weights: torch.Tensor, x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """``sum_p w_pk (x_p - mean_k)(x_p - mean_k)^T`` ``(..., K, D, D)`` in float64,
+    summed directly (no cancellation)."""
+    deviations = (x.unsqueeze(-2) - means.unsqueeze(-3)).double()  # (..., P, K, D)
+    return torch.einsum("...pk,...pkd,...pke->...kde", weights.double(), deviations, deviations)
 
 
 def squared_deviations(weights: torch.Tensor, x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,28 @@
-"""``gaussian-hmm``: K states with diagonal Gaussian emissions and a learned initial
-distribution, the model of hmmlearn's ``GaussianHMM(covariance_type="diag")``."""
+"""``gaussian-hmm``: K states with Gaussian emissions and a learned initial distribution,
+the model of hmmlearn's ``GaussianHMM``, with its four covariance types:
+
+- ``diag``: ``scales`` ``(K, D)``, a standard deviation per state and dimension;
+- ``spherical``: ``scales`` ``(K,)``, one per state;
+- ``full``: ``scale_tril`` ``(K, D, D)``, the Cholesky factor of each state's covariance;
+- ``tied``: ``scale_tril`` ``(D, D)``, one covariance shared by the states.
+
+Standard deviations have ``LogNormal`` priors; covariances (full, tied) an inverse-Wishart
+prior with ``D - 1 + prior_covariance_dof`` degrees of freedom and scale matrix
+``prior_covariance_scale * I``, its density taken of ``L L^T`` (no Jacobian: SVI over the
+Cholesky factor and EM over the covariance maximise the same function). Means have
+``Normal(0, prior_mean_scale)`` priors.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from typing import Literal
+
 from pydantic import Field
 from pyro import distributions as dist
+from torch.distributions import constraints
 
 from ..compiled import diagonal_gaussian
 from ..inference import compiled_on, frame_mask
@@ -51,59 +66,168 @@ def gaussian_init(
     return points[chosen].clone(), scales.expand(num_states, -1).clone()
 
 
-class GaussianHMMHyperparameters(ChainHyperparameters):
-    """The chain priors and weak priors on the Gaussian emissions."""
+def cholesky_log_probs(x: torch.Tensor, means: torch.Tensor, scale_tril: torch.Tensor) -> torch.Tensor:
+    """Full-covariance Gaussian log-density of every frame under every state.
 
+    :param x: ``(..., D)`` frames; ``means`` ``(B..., S, D)``; ``scale_tril``
+        ``(B..., S, D, D)`` lower Cholesky factors of the covariances.
+    :returns: ``(B..., ..., S)``.
+    """
+    lead, D = x.shape[:-1], x.shape[-1]
+    deviations = x.reshape(-1, D).unsqueeze(-3) - means.unsqueeze(-2)  # (B..., S, P, D)
+    whitened = torch.linalg.solve_triangular(scale_tril, deviations.transpose(-1, -2), upper=False)
+    log_det = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1, keepdim=True)  # (B..., S, 1)
+    log_probs = -0.5 * (whitened**2).sum(-2) - log_det - 0.5 * D * math.log(2 * math.pi)  # (B..., S, P)
+    return log_probs.transpose(-1, -2).reshape(*means.shape[:-2], *lead, means.shape[-2])
+
+
+class InverseWishartCholesky(dist.TorchDistribution):
+    """``InverseWishart(df, scale * I)`` of the covariance ``L L^T``, as a density of its
+    Cholesky factor ``L`` ``(*batch, D, D)`` without the Jacobian: a prior for MAP, whose
+    maximiser over ``L`` is then the covariance's. Samples through the Wishart of the
+    precision."""
+
+    arg_constraints: dict = {}
+    support = constraints.lower_cholesky
+    has_rsample = False
+
+    def __init__(self, df: float, scale: float, dim: int, batch_shape: tuple[int, ...], like: torch.Tensor):
+        self.df, self.scale, self.dim, self.like = df, scale, dim, like
+        super().__init__(torch.Size(batch_shape), torch.Size((dim, dim)), validate_args=False)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        D, df, scale = self.dim, self.df, self.scale
+        eye = torch.eye(D, dtype=value.dtype, device=value.device)
+        inverse = torch.linalg.solve_triangular(value, eye.expand_as(value), upper=False)
+        log_det = 2 * value.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        norm = 0.5 * df * D * math.log(scale / 2) - torch.special.multigammaln(torch.tensor(df / 2, dtype=value.dtype), D)
+        return norm - 0.5 * (df + D + 1) * log_det - 0.5 * scale * (inverse**2).sum((-2, -1))
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        eye = torch.eye(self.dim, dtype=self.like.dtype, device=self.like.device)
+        precision = torch.distributions.Wishart(self.df, covariance_matrix=eye / self.scale).sample(
+            torch.Size(sample_shape) + self.batch_shape)
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(precision)))
+
+    def expand(self, batch_shape, _instance=None):
+        return InverseWishartCholesky(self.df, self.scale, self.dim, tuple(batch_shape), self.like)
+
+
+COVARIANCES = ("diag", "spherical", "full", "tied")
+
+
+class GaussianHMMHyperparameters(ChainHyperparameters):
+    """The chain priors, the covariance type and weak priors on the Gaussian emissions."""
+
+    covariance: Literal[COVARIANCES] = Field("diag", description="diag, spherical, full or tied (as hmmlearn's covariance_type)")
     prior_mean_scale: float = Field(10.0, gt=0, description="Normal(0, s) prior on every mean")
-    prior_log_scale: float = Field(2.0, gt=0, description="LogNormal(0, s) prior on every standard deviation")
+    prior_log_scale: float = Field(2.0, gt=0, description="diag, spherical: LogNormal(0, s) prior on every standard deviation")
+    prior_covariance_dof: float = Field(1.0, gt=0, description="full, tied: inverse-Wishart prior with D - 1 + this many degrees of freedom")
+    prior_covariance_scale: float = Field(0.01, gt=0, description="full, tied: the inverse-Wishart's scale matrix, this times I")
 
 
 class GaussianHMM(HMMFamily):
-    """Parameters ``initial`` ``(K,)``, ``transition`` ``(K, K)``, ``means`` ``(K, D)``,
-    ``scales`` ``(K, D)`` (standard deviations). Priors: flat Dirichlet on ``initial``,
-    sticky Dirichlet on transition rows, ``Normal(0, prior_mean_scale)`` on means and
-    ``LogNormal(0, prior_log_scale)`` on scales (weak by default: scale your data)."""
+    """Parameters ``initial`` ``(K,)``, ``transition`` ``(K, K)``, ``means`` ``(K, D)`` and,
+    by ``covariance``, ``scales`` or ``scale_tril`` (the module docstring); every form also
+    reads back as ``covariances`` ``(K, D, D)`` in :meth:`get_parameters`, like hmmlearn's
+    ``covars_``. Priors: flat Dirichlet on ``initial``, sticky Dirichlet on transition rows,
+    weak ones on the emissions (scale your data)."""
 
     family = "gaussian-hmm"
     observation = "real"
     hyperparameters = GaussianHMMHyperparameters
 
+    @property
+    def covariance(self) -> str:
+        return self.hparams.covariance
+
+    @property
+    def inverse_wishart_df(self) -> float:
+        return self.data_dim - 1 + self.hparams.prior_covariance_dof
+
     def priors(self):
         K, D, h, zero = self.hidden_dim, self.data_dim, self.hparams, self._anchor
-        return {
+        priors = {
             "initial": self._initial_prior(K),
             "transition": self._transition_prior(K),
             "means": dist.Normal(zero, h.prior_mean_scale).expand([K, D]).to_event(2),
-            "scales": dist.LogNormal(zero, h.prior_log_scale).expand([K, D]).to_event(2),
         }
+        if self.covariance in ("diag", "spherical"):
+            shape = [K, D] if self.covariance == "diag" else [K]
+            priors["scales"] = dist.LogNormal(zero, h.prior_log_scale).expand(shape).to_event(len(shape))
+        else:
+            batch = (K,) if self.covariance == "full" else ()
+            prior = InverseWishartCholesky(self.inverse_wishart_df, h.prior_covariance_scale, D, batch, zero)
+            priors["scale_tril"] = prior.to_event(len(batch))
+        return priors
 
     def init_parameters(self, x, lengths, generator):
         K, D = self.hidden_dim, self.data_dim
         if x is None:
+            points = None
             means, scales = torch.randn((K, D), generator=generator), torch.ones(K, D)
         else:
-            means, scales = gaussian_init(K, x[frame_mask(lengths, x.shape[1])], generator)
-        return {
-            "initial": uniform_simplex((K,), generator),
-            "transition": sticky_simplex((K, K), generator),
-            "means": means,
-            "scales": scales,
-        }
+            points = x[frame_mask(lengths, x.shape[1])]
+            means, scales = gaussian_init(K, points, generator)
+        params = {"initial": uniform_simplex((K,), generator), "transition": sticky_simplex((K, K), generator), "means": means}
+        if self.covariance == "diag":
+            params["scales"] = scales
+        elif self.covariance == "spherical":
+            params["scales"] = scales.mean(-1)
+        else:  # the data's covariance (made positive definite), for every state
+            spread = torch.cov(points.cpu().T).reshape(D, D) if points is not None and len(points) > D else torch.eye(D)
+            scale_tril = torch.linalg.cholesky(spread + 1e-3 * torch.eye(D))
+            params["scale_tril"] = scale_tril.expand(K, D, D).clone() if self.covariance == "full" else scale_tril
+        return params
+
+    def state_scale_tril(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(..., K, D, D)`` Cholesky factors of every state's covariance, any kind."""
+        K, D = self.hidden_dim, self.data_dim
+        if self.covariance in ("full", "tied"):
+            scale_tril = params["scale_tril"]
+            return scale_tril if self.covariance == "full" else scale_tril.unsqueeze(-3).expand(*scale_tril.shape[:-2], K, D, D)
+        return torch.diag_embed(self.state_scales(params))
+
+    def state_scales(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(..., K, D)`` standard deviations of the diagonal kinds."""
+        scales = params["scales"]
+        return scales if self.covariance == "diag" else scales.unsqueeze(-1).expand(*scales.shape, self.data_dim)
+
+    def get_parameters(self) -> dict[str, torch.Tensor]:
+        params = super().get_parameters()
+        scale_tril = self.state_scale_tril(params)
+        return {**params, "covariances": scale_tril @ scale_tril.transpose(-1, -2)}
 
     def emission_log_probs(self, params, x):
-        return gaussian_log_probs(x.to(params["means"].dtype), params["means"], params["scales"])
+        x = x.to(params["means"].dtype)
+        if self.covariance in ("full", "tied"):
+            return cholesky_log_probs(x, params["means"], self.state_scale_tril(params))
+        return gaussian_log_probs(x, params["means"], self.state_scales(params))
 
     def emission_m_step(self, params, x, lengths, marginals):
-        """The means given the current scales, then the scales given the new means (one
-        conditional maximisation each: the EM objective still never decreases)."""
+        """The means given the current covariances, then the covariances given the new
+        means (one conditional maximisation each: the EM objective still never decreases)."""
         h = self.hparams
         weights, points = em.flat_points(marginals, x.to(marginals.dtype))
-        means = em.normal_mean_map(weights, points, params["scales"] ** 2, h.prior_mean_scale)
-        deviations = em.squared_deviations(weights, points, means)
-        count = weights.sum(-2).unsqueeze(-1).expand_as(deviations)
-        return {"means": means, "scales": em.lognormal_scale_map(count, deviations, h.prior_log_scale).to(means.dtype)}
+        if self.covariance in ("diag", "spherical"):
+            means = em.normal_mean_map(weights, points, self.state_scales(params) ** 2, h.prior_mean_scale)
+            deviations = em.squared_deviations(weights, points, means)
+            count = weights.sum(-2).unsqueeze(-1).expand_as(deviations)
+            if self.covariance == "spherical":
+                count, deviations = count.sum(-1), deviations.sum(-1)
+            return {"means": means, "scales": em.lognormal_scale_map(count, deviations, h.prior_log_scale).to(means.dtype)}
+        means = em.gaussian_mean_map(weights, points, self.state_scale_tril(params), h.prior_mean_scale)
+        scatter = em.scatter(weights, points, means)  # (..., K, D, D)
+        count = weights.sum(-2)
+        if self.covariance == "tied":
+            scatter, count = scatter.sum(-3), count.sum(-1)
+        eye = torch.eye(self.data_dim, dtype=scatter.dtype, device=scatter.device)
+        covariance = (h.prior_covariance_scale * eye + scatter) / (count[..., None, None] + self.inverse_wishart_df + self.data_dim + 1)
+        return {"means": means, "scale_tril": torch.linalg.cholesky(covariance).to(means.dtype)}
 
     def sample_emissions(self, params, states, generator):
-        means, scales = params["means"][states], params["scales"][states]
+        means = params["means"][states]
         noise = torch.randn(means.shape, generator=generator, device=means.device)
-        return means + scales * noise
+        if self.covariance in ("full", "tied"):
+            return means + (self.state_scale_tril(params)[states] @ noise.to(means.dtype).unsqueeze(-1)).squeeze(-1)
+        return means + self.state_scales(params)[states] * noise
