@@ -246,7 +246,7 @@ BAD_FILES = [
     case("keep > screen", "restarts.keep", "<= screen (2)", restarts={"screen": 2, "keep": 3}),
     case("screening a DMM", "restarts.screen", "MAP family", model="dmm", restarts={"screen": 4}),
     case("EM of a network", "train.method", "nnhmm cannot be trained by EM", model="nnhmm", train={"method": "em"}),
-    case("EM searched for fhmm", "search.method", "EM trains hmm, arhmm", model="fhmm",
+    case("EM searched for dmm", "search.method", "EM trains hmm, arhmm", model="dmm",
          search={"hidden_dim": 4, "method": {"choice": ["svi", "em"]}}),
     case("unknown method", "train.method", "'svi' or 'em'", train={"method": "newton"}),
     case(

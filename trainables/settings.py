@@ -17,7 +17,7 @@ class TrainSettings(Declared):
 
     method: Literal["svi", "em"] = Field(
         "svi", description="svi: minibatch gradient steps; em: full-batch MAP expectation-maximisation, "
-        "an epoch being one iteration (hmm, arhmm, gaussian-hmm, gmm)")
+        "an epoch being one iteration (every HMM family but nnhmm, and gmm)")
     epochs: int = Field(100, ge=1, description="passes over the training split (em: most iterations)")
     tolerance: float = Field(1e-6, ge=0, description="em: stop once an iteration changes the objective by "
                              "less than this, relatively")

@@ -82,6 +82,22 @@ class BernoulliChainHMM(HMMFamily):
     def emission_log_probs(self, params, x):
         return bernoulli_log_probs(x, self.state_emission_probs(params))
 
+    def emission_marginals(self, marginals: torch.Tensor) -> torch.Tensor:
+        """Engine marginals ``(..., N, T, S)`` over the states ``emission_probs`` is indexed
+        by, flattened (product chains: ``w * C + x``, the engine's own; pairs: the later
+        state)."""
+        return marginals
+
+    def emission_m_step(self, params, x, lengths, marginals):
+        prior = em.base(self.priors()["emission_probs"])
+        layout = prior.concentration1.shape  # (*E, D): the emitting states, then the keys
+        weights = self.emission_marginals(marginals)  # (..., N, T, prod E)
+        ones = torch.einsum("...nts,ntd->...sd", weights, x.to(marginals.dtype))
+        visits = weights.sum((-3, -2)).unsqueeze(-1)
+        a, b = (concentration.reshape(-1, layout[-1]) for concentration in (prior.concentration1, prior.concentration0))
+        probs = em.beta_map(ones, visits - ones, a, b)
+        return {"emission_probs": probs.reshape(*probs.shape[:-2], *layout)}
+
 
 class BernoulliHMM(BernoulliChainHMM):
     """``hmm``: K states, a Bernoulli per key given the state (examples/hmm.py model_1).
@@ -109,13 +125,6 @@ class BernoulliHMM(BernoulliChainHMM):
 
     def state_emission_probs(self, params):
         return params["emission_probs"]
-
-    def emission_m_step(self, params, x, lengths, marginals):
-        prior = em.base(self.priors()["emission_probs"])
-        x = x.to(marginals.dtype)
-        ones = torch.einsum("...nts,ntd->...sd", marginals, x)
-        visits = marginals.sum((-3, -2)).unsqueeze(-1)
-        return {"emission_probs": em.beta_map(ones, visits - ones, prior.concentration1, prior.concentration0)}
 
 
 class AutoregressiveHMM(BernoulliHMM):
@@ -224,6 +233,16 @@ class FactorialHMM(_TwoChainHMM):
         log_trans = trans_w[..., :, None, :, None] + trans_x[..., None, :, None, :]
         return log_init, log_trans.flatten(-4, -3).flatten(-2)
 
+    def chain_m_step(self, first, counts):
+        C = self.chain_dim
+        first, counts = first.unflatten(-1, (C, C)), counts.unflatten(-1, (C, C)).unflatten(-3, (C, C))  # [w, x, w', x']
+        return {
+            "initial_w": self.dirichlet_update("initial_w", first.sum(-1)),
+            "initial_x": self.dirichlet_update("initial_x", first.sum(-2)),
+            "transition_w": self.dirichlet_update("transition_w", counts.sum((-3, -1))),
+            "transition_x": self.dirichlet_update("transition_x", counts.sum((-4, -2))),
+        }
+
 
 class PartiallyFactorialHMM(_TwoChainHMM):
     """``pfhmm``: x_t depends on w_t and x_{t-1} (model_4). Parameters ``initial_w``
@@ -261,6 +280,16 @@ class PartiallyFactorialHMM(_TwoChainHMM):
         log_trans = trans_w[..., :, None, :, None] + trans_x.transpose(-3, -2).unsqueeze(-4)
         return log_init, log_trans.flatten(-4, -3).flatten(-2)
 
+    def chain_m_step(self, first, counts):
+        C = self.chain_dim
+        first, counts = first.unflatten(-1, (C, C)), counts.unflatten(-1, (C, C)).unflatten(-3, (C, C))  # [w, x, w', x']
+        return {
+            "initial_w": self.dirichlet_update("initial_w", first.sum(-1)),
+            "initial_x": self.dirichlet_update("initial_x", first),
+            "transition_w": self.dirichlet_update("transition_w", counts.sum((-3, -1))),
+            "transition_x": self.dirichlet_update("transition_x", counts.sum(-4).transpose(-3, -2)),  # [w', x, x']
+        }
+
 
 class SecondOrderHMM(BernoulliChainHMM):
     """``hmm2``: z_t depends on z_{t-1} and z_{t-2} (model_6), run as a first-order chain
@@ -297,6 +326,17 @@ class SecondOrderHMM(BernoulliChainHMM):
     def state_emission_probs(self, params):
         probs = params["emission_probs"]  # pair (a, b) at a * K + b emits as state b
         return probs.unsqueeze(-3).expand(*probs.shape[:-2], self.hidden_dim, *probs.shape[-2:]).flatten(-3, -2)
+
+    def chain_m_step(self, first, counts):
+        K = self.hidden_dim
+        pairs = counts.unflatten(-1, (K, K)).unflatten(-3, (K, K))  # [a, b, b', c], zero unless b' == b
+        return {
+            "initial": self.dirichlet_update("initial", first),
+            "transition": self.dirichlet_update("transition", pairs.diagonal(dim1=-3, dim2=-2).movedim(-1, -2)),
+        }
+
+    def emission_marginals(self, marginals):
+        return self.output_marginals(marginals)
 
     def output_states(self, states):
         return torch.where(states >= 0, states % self.hidden_dim, states)

@@ -88,19 +88,27 @@ class HMMFamily(MapModel):
 
     @classmethod
     def supports_em(cls) -> bool:
-        """EM needs the single chain's ``initial`` and ``transition`` and an emission M-step."""
-        return cls.chain_factors is HMMFamily.chain_factors and cls.emission_m_step is not HMMFamily.emission_m_step
+        """EM needs an emission M-step, and a chain M-step where the chain is not the
+        single ``initial`` and ``transition``."""
+        own_chain = cls.chain_factors is HMMFamily.chain_factors or cls.chain_m_step is not HMMFamily.chain_m_step
+        return own_chain and cls.emission_m_step is not HMMFamily.emission_m_step
 
     def em_step(self, params, x, lengths):
-        """The engine's E-step, then the chain's MAP updates under its Dirichlet priors and
-        the family's own :meth:`emission_m_step`."""
+        """The engine's E-step, then the chain's MAP updates under its Dirichlet priors
+        (:meth:`chain_m_step`) and the family's :meth:`emission_m_step`."""
         log_likelihood, marginals, counts = inference.expected_statistics(*self.factors(params, x, lengths), lengths)
-        priors = self.priors()
-        new = {
-            "initial": em.dirichlet_map(marginals[..., 0, :].sum(-2), em.base(priors["initial"]).concentration),
-            "transition": em.dirichlet_map(counts.sum(-3), em.base(priors["transition"]).concentration),
-        }
-        return {**new, **self.emission_m_step(params, x, lengths, marginals)}, log_likelihood
+        chain = self.chain_m_step(marginals[..., 0, :].sum(-2), counts.sum(-3))
+        return {**chain, **self.emission_m_step(params, x, lengths, marginals)}, log_likelihood
+
+    def chain_m_step(self, first: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The chain's parameters from the expected engine states at the first frames
+        ``first`` ``(..., S)`` and the expected transitions ``counts`` ``(..., S, S)``,
+        summed over sequences; by default the single chain's ``initial`` and ``transition``."""
+        return {"initial": self.dirichlet_update("initial", first), "transition": self.dirichlet_update("transition", counts)}
+
+    def dirichlet_update(self, name: str, counts: torch.Tensor) -> torch.Tensor:
+        """:func:`em.dirichlet_map` of parameter ``name`` under its own prior."""
+        return em.dirichlet_map(counts, em.base(self.priors()[name]).concentration)
 
     def emission_m_step(
         self, params: dict[str, torch.Tensor], x: torch.Tensor, lengths: torch.Tensor, marginals: torch.Tensor
