@@ -135,3 +135,30 @@ def test_families_without_an_m_step_are_refused(family):
     model = build_model(family, data_dim=data.data_dim, hidden_dim=4)
     with pytest.raises(ValueError, match=f"{family}: EM is not available for this family; use method: svi"):
         Trainer(model, data, TrainConfig(method="em", epochs=2))
+
+
+def test_integer_files_train_and_values_a_family_cannot_score_are_refused(tmp_path):
+    """An ``.npz`` of integer counts trains ``poisson-hmm``; a count of 1.5, symbol codes
+    given to ``categorical-hmm`` instead of one-hot frames, are refused before training,
+    naming the split and the place."""
+    data = load_dataset("synthetic-poisson-hmm", num_sequences=20, length=10)
+    arrays = {f"{name}_x": split.x.numpy().astype(np.int64) for name, split in data.splits.items()}
+    arrays.update({f"{name}_len": split.lengths.numpy() for name, split in data.splits.items()})
+    np.savez(tmp_path / "counts.npz", **arrays)
+    counts = load_dataset(path=tmp_path / "counts.npz")
+    model = build_model("poisson-hmm", data_dim=3, hidden_dim=2)
+    Trainer(model, counts, TrainConfig(method="em", epochs=1)).run_epoch()
+
+    arrays["valid_x"] = arrays["valid_x"].astype(np.float64)
+    arrays["valid_x"][0, 2, 1] = 1.5
+    np.savez(tmp_path / "fractions.npz", **arrays)
+    with pytest.raises(ValueError, match=r"poisson-hmm: the valid split's x\[0, 2, 1\] is 1.5; expected a non-negative integer count"):
+        Trainer(model, load_dataset(path=tmp_path / "fractions.npz"), TrainConfig(method="em", epochs=1))
+
+    symbols = load_dataset("synthetic-categorical-hmm", num_sequences=20, length=10)
+    codes = {f"{name}_x": split.x.argmax(-1, keepdim=True).numpy() for name, split in symbols.splits.items()}
+    codes.update({f"{name}_len": split.lengths.numpy() for name, split in symbols.splits.items()})
+    np.savez(tmp_path / "codes.npz", **codes)
+    categorical = build_model("categorical-hmm", data_dim=1, hidden_dim=2)
+    with pytest.raises(ValueError, match=r"categorical-hmm: the train split's x\[\d+, \d+, 0\] is \d; expected 0 or 1 in a one-hot frame"):
+        Trainer(categorical, load_dataset(path=tmp_path / "codes.npz"), TrainConfig())

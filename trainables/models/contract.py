@@ -68,10 +68,10 @@ def observation_problem(x: np.ndarray, observation: Observation, real: np.ndarra
     real = np.ones(x.shape[:-1], dtype=bool) if real is None else real
     values = np.argwhere(bad_values(x, observation) & real[..., None])
     if len(values):
-        return f"{list(values[0])} is {x[tuple(values[0])]:g}; expected {OBSERVATION_RULES[observation]}"
+        return f"{[int(i) for i in values[0]]} is {x[tuple(values[0])]:g}; expected {OBSERVATION_RULES[observation]}"
     frames = np.argwhere(bad_frames(x, observation) & real)
     if len(frames):
-        return f"{list(frames[0])} has {x[tuple(frames[0])].sum():g} ones; expected {OBSERVATION_RULES[observation]}"
+        return f"{[int(i) for i in frames[0]]} has {x[tuple(frames[0])].sum():g} ones; expected {OBSERVATION_RULES[observation]}"
     return None
 
 
