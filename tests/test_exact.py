@@ -13,13 +13,14 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Categorical, Normal, Poisson
+from torch.distributions import Bernoulli, Categorical, MultivariateNormal, Normal, Poisson
 
 from trainables.engines import ENGINE_ENV
 from trainables.models import build_model
 
 RTOL, ATOL = 1e-9, 1e-10
 K_OF = {"hmm": 3, "arhmm": 2, "fhmm": 4, "pfhmm": 4, "hmm2": 2, "nnhmm": 3, "gaussian-hmm": 3, "categorical-hmm": 3, "poisson-hmm": 3}
+K_OF.update({f"gaussian-hmm-{kind}": 3 for kind in ("spherical", "full", "tied")})  # gaussian-hmm's covariance types
 
 
 pytestmark = pytest.mark.usefixtures("engine")  # every test here on both paths (conftest)
@@ -73,8 +74,8 @@ def path_terms(family: str, model, x: torch.Tensor, path: tuple[int, ...]):
             total += Categorical(probs=p["emission_probs"][z[t]]).log_prob(x[t].argmax())
         elif family == "poisson-hmm":
             total += Poisson(p["rates"][z[t]]).log_prob(x[t]).sum()
-        else:
-            total += Normal(p["means"][z[t]], p["scales"][z[t]]).log_prob(x[t]).sum()
+        else:  # gaussian-hmm, any covariance type
+            total += MultivariateNormal(p["means"][z[t]], p["covariances"][z[t]]).log_prob(x[t])
     return total, z
 
 
@@ -89,11 +90,14 @@ def enumerate_paths(family: str, model, x: torch.Tensor):
 
 
 def make_model(family: str, seed: int = 0):
+    """A float64 model of ``family`` (``gaussian-hmm-KIND``: that covariance type) with
+    random parameters, and ragged frames ``(4, 4, D)`` it could emit."""
     torch.manual_seed(seed)
+    hparams = {"nn_dim": 5, "nn_channels": 2} if family == "nnhmm" else {}
+    if family.startswith("gaussian-hmm-"):
+        family, hparams = "gaussian-hmm", {"covariance": family.rsplit("-", 1)[1]}
     D = 2 if family == "gaussian-hmm" else 3
-    model = build_model(family, data_dim=D, hidden_dim=K_OF[family], **(
-        {"nn_dim": 5, "nn_channels": 2} if family == "nnhmm" else {}
-    )).double()
+    model = build_model(family, data_dim=D, hidden_dim=K_OF[family], **hparams).double()
     N, T = 4, 4
     lengths = torch.tensor([4, 2, 1, 3])
     if family == "gaussian-hmm":
