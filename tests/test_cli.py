@@ -82,5 +82,5 @@ def test_train_by_em(tmp_path):
     assert "EM, at most 30 iterations" in lines[0]
     losses = [float(line.split()[4]) for line in lines if line.startswith("iteration ")]
     assert len(losses) >= 2 and all(b <= a + 1e-4 for a, b in zip(losses, losses[1:]))  # printed to 4 places
-    refused = pyrosweep("train", "--model", "nnhmm", "--data", "synthetic-hmm", "--method", "em", home=tmp_path)
-    assert refused.returncode == 2 and "nnhmm: EM is not available" in refused.stderr
+    refused = pyrosweep("train", "--model", "dmm", "--data", "synthetic-hmm", "--method", "em", home=tmp_path)
+    assert refused.returncode == 2 and "dmm: EM is not available" in refused.stderr

@@ -245,7 +245,7 @@ BAD_FILES = [
     case("negative gpu", "resources.gpu", "greater than or equal to 0", resources={"gpu": -1}),
     case("keep > screen", "restarts.keep", "<= screen (2)", restarts={"screen": 2, "keep": 3}),
     case("screening a DMM", "restarts.screen", "MAP family", model="dmm", restarts={"screen": 4}),
-    case("EM of a network", "train.method", "nnhmm cannot be trained by EM", model="nnhmm", train={"method": "em"}),
+    case("EM of a DMM", "train.method", "dmm cannot be trained by EM", model="dmm", train={"method": "em"}),
     case("EM searched for dmm", "search.method", "EM trains hmm, arhmm", model="dmm",
          search={"hidden_dim": 4, "method": {"choice": ["svi", "em"]}}),
     case("unknown method", "train.method", "'svi' or 'em'", train={"method": "newton"}),

@@ -17,10 +17,12 @@ class TrainSettings(Declared):
 
     method: Literal["svi", "em"] = Field(
         "svi", description="svi: minibatch gradient steps; em: full-batch MAP expectation-maximisation, "
-        "an epoch being one iteration (every HMM family but nnhmm, and gmm)")
+        "an epoch being one iteration (every HMM family and gmm; nnhmm's network by gradient steps)")
     epochs: int = Field(100, ge=1, description="passes over the training split (em: most iterations)")
     tolerance: float = Field(1e-6, ge=0, description="em: stop once an iteration changes the objective by "
                              "less than this, relatively")
+    network_steps: int = Field(5, ge=1, description="em for a family with a network (nnhmm): gradient steps "
+                               "on its expected complete-data log-likelihood per iteration (generalised EM)")
     batch_size: int = Field(20, ge=1, description="sequences (points) per minibatch")
     lr: float = Field(0.01, gt=0, description="ClippedAdam learning rate")
     lr_decay: float = Field(1.0, gt=0, le=1, description="factor on the learning rate after every step")

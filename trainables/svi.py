@@ -256,6 +256,8 @@ class Trainer:
         config: TrainConfig,
         initial_parameters: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]] | None = None,
     ) -> None:
+        if config.method == "em" and not type(model).supports_em():
+            raise ValueError(f"{model.family}: EM is not available for this family; use method: svi")
         torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         pyro.set_rng_seed(config.seed)
@@ -285,8 +287,6 @@ class Trainer:
             raise ValueError(f"{model.family}: best-of-N screening needs a MAP family (HMMs, gmm)")
         else:
             self.learnable = list(model.parameters())
-        if config.method == "em" and not type(model).supports_em():
-            raise ValueError(f"{model.family}: EM is not available for this family; use method: svi")
         self.optimizer = ClippedAdam(
             self.learnable,
             lr=config.lr,
@@ -381,13 +381,23 @@ class Trainer:
         """
         model, split = self.model, self.splits["train"]
         params = model.constrain(self.stacked)
-        new, log_likelihood = model.em_step(params, split.x, split.lengths)
+        new, log_likelihood = model.em_step(params, split.x, split.lengths, self.improve_networks)
         losses = -(model.log_prior_of(params).double() + log_likelihood.double().sum(-1))
         if not bool(torch.isfinite(losses).all()):
             raise FloatingPointError(f"{model.family}: non-finite EM objective ({losses.tolist()}) at iteration {self.epoch + 1}")
         for name, value in model.unconstrain(new).items():
             self.stacked[name].copy_(value)
         return losses / num_frames(split)
+
+    def improve_networks(self, objective: Callable[[], torch.Tensor]) -> None:
+        """Generalised EM's M-step for a family's networks: ``network_steps`` ClippedAdam
+        steps on ``objective()`` (their expected complete-data loss per frame)."""
+        with torch.enable_grad():
+            for _ in range(self.config.network_steps):
+                loss = objective()
+                self.optimizer.zero_grad()
+                loss.backward()
+                self.optimizer.step()
 
     def run_epoch(self) -> list[EpochRecord]:
         """:meth:`train_epoch`, then the validation NLL per frame of every candidate.

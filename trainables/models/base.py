@@ -10,6 +10,7 @@ adds what the HMM families and the GMM share: parameters with priors, estimated 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import pyro
@@ -254,12 +255,18 @@ class MapModel(SequenceModel):
         return cls.em_step is not MapModel.em_step
 
     def em_step(
-        self, params: dict[str, torch.Tensor], x: torch.Tensor, lengths: torch.Tensor | None
+        self,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        lengths: torch.Tensor | None,
+        improve: Callable[[Callable[[], torch.Tensor]], None] | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One EM iteration from ``params`` (leading batch dims ``(R, ...)``: restarts) on
         the whole of ``x``: the new parameters, constrained, of the same shapes, that
         maximise the expected complete-data log-likelihood plus the log prior, and the
-        log-likelihood ``(R..., N)`` under ``params`` (the E-step's by-product)."""
+        log-likelihood ``(R..., N)`` under ``params`` (the E-step's by-product). A family
+        with networks hands ``improve`` a loss function of them to take gradient steps on
+        (generalised EM)."""
         raise NotImplementedError(f"{self.family}: EM is not available for this family; use train: {{method: svi}}")
 
     def network_parameters(self) -> list[torch.nn.Parameter]:

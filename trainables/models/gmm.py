@@ -79,7 +79,7 @@ class GaussianMixture(MapModel):
         }[self.hparams.variance]
         return {"weights": torch.full((K,), 1.0 / K), "locs": locs, "scales": reduce(scales)}
 
-    def em_step(self, params, x, lengths=None):
+    def em_step(self, params, x, lengths=None, improve=None):
         """Responsibilities, then the weights, the means given the current scales and the
         scales given the new means, each tied as ``variance`` says."""
         joint = self.joint_log_probs(params, x)

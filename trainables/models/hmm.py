@@ -390,7 +390,10 @@ class NeuralHMM(BernoulliHMM):
         del params["emission_probs"]
         return params
 
-    emission_m_step = HMMFamily.emission_m_step  # a network: trained by SVI only
+    def emission_m_step(self, params, x, lengths, marginals):
+        """None in closed form: the network takes gradient steps instead (generalised EM,
+        :meth:`HMMFamily.em_step`)."""
+        return {}
 
     def emission_log_probs(self, params, x):
         previous = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)

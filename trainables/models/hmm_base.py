@@ -93,11 +93,16 @@ class HMMFamily(MapModel):
         own_chain = cls.chain_factors is HMMFamily.chain_factors or cls.chain_m_step is not HMMFamily.chain_m_step
         return own_chain and cls.emission_m_step is not HMMFamily.emission_m_step
 
-    def em_step(self, params, x, lengths):
+    def em_step(self, params, x, lengths, improve=None):
         """The engine's E-step, then the chain's MAP updates under its Dirichlet priors
-        (:meth:`chain_m_step`) and the family's :meth:`emission_m_step`."""
+        (:meth:`chain_m_step`) and the family's :meth:`emission_m_step`; a family with
+        networks (``nnhmm``) then has ``improve`` take gradient steps on their expected
+        complete-data log-likelihood per frame (generalised EM, seed 002's ``NeuralHMM``)."""
         log_likelihood, marginals, counts = inference.expected_statistics(*self.factors(params, x, lengths), lengths)
         chain = self.chain_m_step(marginals[..., 0, :].sum(-2), counts.sum(-3))
+        if self.network_parameters():
+            frames = marginals.sum()
+            improve(lambda: -(marginals * self.emission_log_probs(params, x)).sum() / frames)
         return {**chain, **self.emission_m_step(params, x, lengths, marginals)}, log_likelihood
 
     def chain_m_step(self, first: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
