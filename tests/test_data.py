@@ -405,7 +405,7 @@ def test_dataset_summary(tmp_path: Path) -> None:
 
 
 def test_registry_names() -> None:
-    assert set(DATASETS) == {"jsb", "synthetic-hmm", "synthetic-gaussian-hmm", "synthetic-gmm"}
+    assert set(DATASETS) == {"jsb", "synthetic-hmm", "synthetic-gaussian-hmm", "synthetic-gmm", "synthetic-categorical-hmm", "synthetic-poisson-hmm"}
     assert all(isinstance(text, str) and text for text in DATASETS.values())
 
 
