@@ -25,8 +25,12 @@ from ray import tune
 from cluster.sweep import run_sweep
 from cluster.sweep_file import load_sweep_file, num_trials
 from cluster.mlflow_layout import PARENT_TAG, TRIAL_TAG
-from helpers import free_port, mlflow_runs, write_sweep
+from cluster.promote import promote
+from cluster.serving import ServeOptions, serving
+from helpers import free_port, get, mlflow_runs, post, write_sweep
+from test_exact import enumerate_paths
 from test_speed_paths import assert_same_run, restart_setting
+from trainables.data import load_dataset
 from trainables.models import build_model
 from trainables.svi import Candidate, Trainer, screen_initializations
 from trainables.checkpoint import TRIAL_STATE
@@ -324,6 +328,59 @@ def test_a_sweep_searches_the_training_method(tmp_path, ray_address):
     em_history = client.get_metric_history(by_method["em"].info.run_id, "train_loss")
     losses = [m.value for m in sorted(em_history, key=lambda m: m.step)]
     assert 2 <= len(losses) <= 6 and all(np.isfinite(losses))  # (monotone per candidate: tests/test_em.py)
+
+
+NEW_FAMILY_SWEEP = """
+name: {family}-served
+model: {family}
+data: {{name: synthetic-{family}, num_sequences: 30, length: 12, hidden_dim: 2}}
+train: {{epochs: 5, batch_size: 10, lr: 0.05, patience: 50}}
+search:
+  hidden_dim: 2
+  method: {{grid: [svi, em]}}
+restarts: {{screen: 3, keep: 1}}
+max_concurrent: 2
+"""
+
+
+@pytest.mark.parametrize("family", ["categorical-hmm", "poisson-hmm"])
+def test_a_new_family_swept_by_both_methods_is_promoted_and_served(tmp_path, ray_address, family):
+    """Symbols and counts the whole way: an SVI and an EM trial, the winner promoted and
+    served over HTTP, its answers checked against enumerating every path of the served
+    parameters, and a symbol or count out of its range refused with a 4xx that says where."""
+    path = tmp_path / "family.yaml"
+    path.write_text(NEW_FAMILY_SWEEP.format(family=family))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    outcome = run_sweep(load_sweep_file(path), tracking=uri, storage=str(tmp_path / "ray"))
+    _, _, children = mlflow_runs(uri, f"{family}-served")
+    assert {c.data.params["method"] for c in children} == {"svi", "em"}
+    assert {c.info.status for c in children} == {"FINISHED"}
+    promoted = promote(uri, f"{family}-served")
+    assert promoted["run_id"] == outcome.best["run_id"]
+
+    frames = load_dataset(f"synthetic-{family}", num_sequences=30, length=12, hidden_dim=2).splits["test"].x[0, :5]
+    port = free_port()
+    with serving(ServeOptions(model=f"models:/{family}-served@champion", tracking_uri=uri, port=port)):
+        url = f"http://127.0.0.1:{port}"
+        status, described = get(f"{url}/v1/model")
+        assert status == 200 and described["family"] == family and described["version"] == promoted["version"]
+        body = {"sequences": [frames.tolist()]}
+        (status, scored), (decoded_status, decoded) = post(f"{url}/v1/score", body), post(f"{url}/v1/decode", body)
+        assert status == decoded_status == 200
+        wrong = frames.clone()
+        wrong[3] = 2 * frames[3] if family == "categorical-hmm" else -1
+        status, refused = post(f"{url}/v1/score", {"sequences": [wrong.tolist()]})
+        assert status == 422 and "sequences[0][3]" in refused["detail"], refused
+        assert get(f"{url}/healthz")[0] == 200
+    model = build_model(family, data_dim=frames.shape[-1], hidden_dim=2).double()
+    model.set_parameters(**{name: torch.tensor(value, dtype=torch.float64) for name, value in described["parameters"].items()})
+    paths = enumerate_paths(family, model, frames.double())  # 2^5 paths
+    log_likelihood = float(torch.stack([joint for joint, _ in paths]).logsumexp(0))
+    best = max(paths, key=lambda pair: float(pair[0]))[1]
+    # served in float32: about T (V + 2K) = 50 roundings of 2**-24 on the way to the
+    # total (3e-6 relative); 1e-4 leaves room, the paths are enumerated in float64
+    assert scored["log_likelihood"][0] == pytest.approx(log_likelihood, rel=1e-4)
+    assert decoded["states"][0] == best
 
 
 def test_a_bad_sweep_file_is_refused_before_ray_starts(tmp_path):
