@@ -127,7 +127,25 @@ def cmd_runs(args: argparse.Namespace) -> None:
     # built without validation: it was validated when the sweep started (its data file need not be here)
     stored = SweepSpec.model_construct(**tracker.sweep_spec(parent.info.run_id))
     print(f"sweep {parent.info.run_name} ({parent.info.status}), parent run {parent.info.run_id}")
-    _print_leaderboard(tracker.leaderboard(parent.info.run_id, searched_keys(stored)))
+    searched = searched_keys(stored)
+    rows = tracker.leaderboard(parent.info.run_id, searched)
+    if args.by is None:
+        _print_leaderboard(rows)
+        return
+    if args.by not in searched:
+        raise ValueError(f"--by {args.by}: this sweep searched {', '.join(searched) or 'nothing'}")
+    _print_best_per_value(rows, args.by)
+
+
+def _print_best_per_value(rows: list[dict], key: str) -> None:
+    """The best trial per value of ``key``; for ``hidden_dim`` with the one-standard-error pick."""
+    from trainables.selection import best_per_value, recommend
+
+    best = best_per_value(rows, key)
+    print_table(best, [key, "best_valid_nll", "valid_nll_se", "test_nll", "num_parameters", "bic", "aic", "trial"])
+    if key == "hidden_dim" and (chosen := recommend(best)) is not None:
+        print(f"recommended hidden_dim: {chosen['hidden_dim']} (the fewest states within one standard error "
+              f"of the best held-out NLL; trial {chosen['trial']})")
 
 
 def cmd_ui(args: argparse.Namespace) -> None:
@@ -294,6 +312,9 @@ def build_parser(tokens: Sequence[str] = ()) -> argparse.ArgumentParser:
     runs = commands.add_parser("runs", help="leaderboard of the latest sweep of an experiment")
     runs.add_argument("--experiment", required=True, help="the sweep name")
     runs.add_argument("--tracking-uri", default=None)
+    runs.add_argument("--by", default=None, metavar="KEY",
+                      help="the best trial per value of a searched key (hidden_dim: with held-out NLL, "
+                           "BIC, AIC and the recommended number of states)")
     runs.set_defaults(run=cmd_runs)
 
     ui = commands.add_parser("ui", help="the MLflow UI on the same store, on 127.0.0.1")

@@ -25,6 +25,8 @@ from mlflow.entities import Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from trainables.selection import SELECTION_METRICS
+
 from .home import artifact_location
 
 if TYPE_CHECKING:
@@ -165,6 +167,7 @@ class SweepTracker:
                     **{key: config.get(key, "") for key in searched},
                     "best_valid_nll": metrics.get("best_valid_nll", math.nan),
                     "test_nll": metrics.get("test_nll", math.nan),
+                    **{key: metrics.get(key, math.nan) for key in SELECTION_METRICS},
                     "epochs": int(metrics.get("epoch", 0)),
                     "run_id": run.info.run_id,
                 }

@@ -4,7 +4,8 @@ layout").
 - :func:`loss_curve_png`: train loss and validation NLL per epoch;
 - :func:`model_picture_png`: what a trained model learned, drawn from the kinds its
   family declares (``latent``, ``observation``), never from its name;
-- :func:`sweep_plot_png`: the sweep metric against every searched hyperparameter.
+- :func:`sweep_plot_png`: the sweep metric against every searched hyperparameter;
+- :func:`k_curve_png`: held-out NLL, BIC and AIC against the number of states.
 
 Figures are built with matplotlib's object API on the Agg canvas (never ``pyplot``): no
 global state, so pictures can be drawn from several threads of a long-lived driver.
@@ -35,7 +36,7 @@ from matplotlib.ticker import MaxNLocator
 from trainables.data import Split
 from trainables.models import SequenceModel
 
-__all__ = ["loss_curve_png", "model_picture_png", "sweep_plot_png"]
+__all__ = ["k_curve_png", "loss_curve_png", "model_picture_png", "sweep_plot_png"]
 
 PathLike = str | os.PathLike[str]
 
@@ -415,3 +416,40 @@ def _metric_panel(ax: Axes, positions: Sequence[float] | np.ndarray, metrics: Se
     if best is not None:
         ax.scatter([positions[best]], [metrics[best]], **_BEST_STYLE)
     ax.grid(alpha=0.3)
+
+
+def k_curve_png(per_k: Sequence[dict[str, Any]], recommended: dict[str, Any] | None, path: PathLike) -> Path:
+    """Choosing the number of states: held-out NLL per frame with its standard error, and
+    BIC and AIC of the training split, against ``hidden_dim``; the recommendation marked.
+
+    :param per_k: the best trial per ``hidden_dim`` (:func:`trainables.selection.best_per_value`),
+        with ``best_valid_nll``, ``valid_nll_se``, ``bic`` and ``aic`` (NaN where not known).
+    :param recommended: the row the one-standard-error rule picks, or None.
+    """
+    if not per_k:
+        return _message_png("Number of states", "No finished trial to compare", path)
+    states = [int(row["hidden_dim"]) for row in per_k]
+    fig = _figure(11.0, 4.2)
+    held_out, criteria = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    nll = [row["best_valid_nll"] for row in per_k]
+    spread = [row.get("valid_nll_se", math.nan) for row in per_k]
+    held_out.errorbar(states, nll, yerr=[s if math.isfinite(s) else 0.0 for s in spread], marker="o", capsize=4)
+    held_out.set_ylabel("held-out NLL (nats per frame, ± 1 s.e.)")
+    for key, marker in (("bic", "s"), ("aic", "^")):
+        values = [row.get(key, math.nan) for row in per_k]
+        if any(math.isfinite(v) for v in values):
+            criteria.plot(states, values, marker=marker, label=key.upper())
+    criteria.set_ylabel("BIC, AIC of the training split (lower is better)")
+    if criteria.get_legend_handles_labels()[0]:
+        criteria.legend()
+    for ax in (held_out, criteria):
+        ax.set_xlabel("hidden_dim (best trial of each)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if recommended is not None:
+            ax.axvline(int(recommended["hidden_dim"]), color="crimson", linestyle="--", linewidth=1)
+    title = "Number of states"
+    if recommended is not None:
+        title += (f": {recommended['hidden_dim']} recommended (the fewest within one standard error "
+                  f"of the best held-out NLL, dashed)")
+    fig.suptitle(title)
+    return _save(fig, path)

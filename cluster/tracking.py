@@ -20,9 +20,10 @@ from ray import tune
 
 from trainables.data import Dataset, load_dataset
 from trainables.checkpoint import load_checkpoint
+from trainables.selection import SELECTION_METRICS, best_per_value, recommend
 
 from .mlflow_layout import INTERRUPTED_TAG, TRIAL_TAG, SweepTracker, is_scored
-from .plots import loss_curve_png, model_picture_png, sweep_plot_png
+from .plots import k_curve_png, loss_curve_png, model_picture_png, sweep_plot_png
 
 __all__ = ["MLflowTrialLogger", "finish_parent", "interrupt_parent", "write_leaderboard_csv"]
 
@@ -30,6 +31,7 @@ EPOCH_METRICS = (
     "train_loss", "valid_nll", "epoch_s", "best_valid_nll", "test_nll", "screen_best", "screen_worst",
     "setup_s",  # trial start to its first SVI step
     "peak_rss_mb",  # the peak of the worker process (of every trial it ran: Tune reuses workers)
+    *SELECTION_METRICS,  # at the best epoch, for choosing the number of states
 )  # fmt: skip
 ERROR_TAG_LIMIT = 5000
 
@@ -168,6 +170,8 @@ def finish_parent(
         client.log_artifact(parent_run_id, str(write_leaderboard_csv(rows, Path(scratch) / "leaderboard.csv")))
         plot_rows = [{**row, "valid_nll": row["best_valid_nll"]} for row in rows]
         client.log_artifact(parent_run_id, str(sweep_plot_png(plot_rows, searched, "valid_nll", Path(scratch) / "search.png")))
+        if "hidden_dim" in searched:
+            _log_k_selection(client, parent_run_id, rows, Path(scratch))
     best = rows[0] if rows and is_scored(rows[0]) else None
     if best is not None:
         client.log_batch(
@@ -180,3 +184,17 @@ def finish_parent(
         )
     client.set_terminated(parent_run_id, "FINISHED")
     return rows
+
+
+def _log_k_selection(client, parent_run_id: str, rows: list[dict[str, Any]], scratch: Path) -> None:
+    """A sweep over ``hidden_dim``: the best trial per number of states (``k_selection.csv``),
+    their curves (``k_curve.png``) and the one-standard-error pick (tag and metric
+    ``recommended_hidden_dim``)."""
+    per_k = best_per_value(rows, "hidden_dim")
+    recommended = recommend(per_k)
+    if per_k:
+        client.log_artifact(parent_run_id, str(write_leaderboard_csv(per_k, scratch / "k_selection.csv")))
+    client.log_artifact(parent_run_id, str(k_curve_png(per_k, recommended, scratch / "k_curve.png")))
+    if recommended is not None:
+        client.set_tag(parent_run_id, "recommended_hidden_dim", str(recommended["hidden_dim"]))
+        client.log_metric(parent_run_id, "recommended_hidden_dim", float(recommended["hidden_dim"]))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from matplotlib import image as mpimg
 
-from cluster.plots import loss_curve_png, model_picture_png, sweep_plot_png
+from cluster.plots import k_curve_png, loss_curve_png, model_picture_png, sweep_plot_png
 from trainables.data import Split, load_dataset, validate_split
 from trainables.models import FAMILIES, MapModel, SequenceModel, build_model, register_family
 
@@ -180,3 +180,14 @@ def test_sweep_plot_without_finite_metric(tmp_path):
     rows = [{"lr": 0.1, "valid_nll": float("nan"), "status": "ERROR"}, {"lr": 0.2, "status": "ERROR"}]
     assert_png(sweep_plot_png(rows, ["lr"], "valid_nll", tmp_path / "none.png"))
     assert_png(sweep_plot_png([], ["lr"], "valid_nll", tmp_path / "no-rows.png"))
+
+
+def test_k_curve(tmp_path):
+    """Held-out NLL with error bars and the criteria per K; a DMM sweep has no BIC or AIC
+    (NaN), a sweep with nothing finished a message."""
+    per_k = [{"hidden_dim": k, "best_valid_nll": 5.0 - 1 / k, "valid_nll_se": 0.1, "bic": 100.0 + k, "aic": 90.0 + k}
+             for k in (1, 2, 4)]
+    assert_png(k_curve_png(per_k, per_k[1], tmp_path / "k.png"))
+    bounds = [{**row, "bic": float("nan"), "aic": float("nan"), "valid_nll_se": float("nan")} for row in per_k]
+    assert_png(k_curve_png(bounds, None, tmp_path / "bounds.png"))
+    assert_png(k_curve_png([], None, tmp_path / "none.png"))

@@ -15,6 +15,8 @@ from scipy.stats import multivariate_normal
 
 from trainables.models import build_model
 from trainables.models.classic import classic_gmm_model, classic_hmm_model, classic_nnhmm_model
+from trainables.models.counting import free_parameters
+from trainables.selection import information_criteria
 
 CLASSIC = {"hmm": classic_hmm_model, "nnhmm": classic_nnhmm_model}
 pytestmark = pytest.mark.usefixtures("engine")  # conftest
@@ -259,3 +261,20 @@ def test_gmm_loss_equals_the_tutorials_enumerated_model(variance):
         classic_gmm_model(model), model.guide, points, None, scale=2.0
     )
     torch.testing.assert_close(ours, classic, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("case", [*HMMLEARN_COVARS, *DISCRETE])
+def test_bic_and_aic_equal_hmmlearns(case):
+    """BIC and AIC of every covariance type and of the symbol and count families: our free
+    parameters and criteria against hmmlearn's ``bic``/``aic`` of the same model and data."""
+    if case in DISCRETE:
+        model, x, lengths, reference = discrete_case(case)
+        observations = DISCRETE[case][3]
+    else:
+        model, x, lengths, reference = covariance_case(case)
+        observations = np.asarray
+    frames = np.concatenate([observations(x[n, :length].numpy()) for n, length in enumerate(lengths.tolist())])
+    ours = information_criteria(float(model.log_likelihood(x, lengths).sum()), free_parameters(model), int(lengths.sum()))
+    assert free_parameters(model) == sum(reference._get_n_fit_scalars_per_param().values())
+    np.testing.assert_allclose(ours["bic"], reference.bic(frames, lengths.numpy()), rtol=1e-10)
+    np.testing.assert_allclose(ours["aic"], reference.aic(frames, lengths.numpy()), rtol=1e-10)

@@ -37,6 +37,7 @@ from trainables.checkpoint import TRIAL_STATE
 from trainables.trainable import TrialSetup, run_trial
 
 pytestmark = pytest.mark.slow
+CONFIGS = Path(__file__).parents[1] / "configs"
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
 
 @pytest.fixture(scope="module")
@@ -383,6 +384,32 @@ def test_a_new_family_swept_by_both_methods_is_promoted_and_served(tmp_path, ray
     assert decoded["states"][0] == best
 
 
+def test_a_sweep_over_the_number_of_states_recommends_the_true_one(tmp_path, ray_address):
+    """``configs/gaussian-hmm-states.yaml``: three well-separated true states (4-D Gaussian); every trial logs its free parameters,
+    BIC, AIC and held-out standard error; the parent gets the K curve, the table and the
+    one-standard-error pick, 3; ``pyrosweep runs --by hidden_dim`` prints the same."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_sweep(load_sweep_file(CONFIGS / "gaussian-hmm-states.yaml"), tracking=uri, storage=str(tmp_path / "ray"))
+    client, parents, children = mlflow_runs(uri, "gaussian-hmm-states")
+    by_k = {int(child.data.params["hidden_dim"]): child.data.metrics for child in children}
+    assert sorted(by_k) == [1, 2, 3, 4, 5]
+    assert [by_k[k]["num_parameters"] for k in sorted(by_k)] == [8, 19, 32, 47, 64]  # K-1 + K(K-1) + 2 K D
+    assert all(metrics["valid_nll_se"] > 0 and metrics["bic"] > metrics["aic"] for metrics in by_k.values())
+    assert min(by_k, key=lambda k: by_k[k]["bic"]) == 3
+    parent = parents[0]
+    assert parent.data.tags["recommended_hidden_dim"] == "3"
+    assert {"k_curve.png", "k_selection.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    table = Path(client.download_artifacts(parent.info.run_id, "k_selection.csv", str(tmp_path)))
+    assert [int(row["hidden_dim"]) for row in csv.DictReader(table.open())] == [1, 2, 3, 4, 5]
+    runs = pyrosweep("runs", "--experiment", "gaussian-hmm-states", "--tracking-uri", uri, "--by", "hidden_dim", tmp_path=tmp_path, log="runs.log")
+    output = finish(runs, tmp_path, "runs.log", timeout=120)
+    assert runs.returncode == 0, output
+    assert "recommended hidden_dim: 3" in output and "bic" in output.splitlines()[1]
+    wrong = pyrosweep("runs", "--experiment", "gaussian-hmm-states", "--tracking-uri", uri, "--by", "lr", tmp_path=tmp_path, log="wrong.log")
+    output = finish(wrong, tmp_path, "wrong.log", timeout=120)
+    assert wrong.returncode != 0 and "--by lr: this sweep searched hidden_dim" in output
+
+
 def test_a_bad_sweep_file_is_refused_before_ray_starts(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(write_sweep(tmp_path, "bad").read_text().replace("patience: 50", "patiense: 50"))
@@ -397,7 +424,7 @@ def test_a_bad_sweep_file_is_refused_before_ray_starts(tmp_path):
 
 @pytest.mark.parametrize("config, samples", [("gmm-synthetic.yaml", 2), ("gaussian-hmm-synthetic.yaml", 2), ("categorical-hmm-synthetic.yaml", 1)])
 def test_example_configs_run_with_their_scheduler_and_search(tmp_path, ray_address, config, samples):
-    spec = load_sweep_file(Path(__file__).parents[1] / "configs" / config, {"num_samples": samples})
+    spec = load_sweep_file(CONFIGS / config, {"num_samples": samples})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     outcome = run_sweep(spec, tracking=uri, storage=str(tmp_path / "ray"))
     _, parents, children = mlflow_runs(uri, spec.name)

@@ -83,6 +83,7 @@ EXPECTED_CONFIGS = {
         {"hidden_dim": lambda d: d == {"grid_search": [8, 16]}, "lr": lambda d: d == 0.05, "seed": lambda d: d == 0},
         2,
     ),
+    "gaussian-hmm-states.yaml": ({"hidden_dim": lambda d: d == {"grid_search": [1, 2, 3, 4, 5]}}, 5),
     "categorical-hmm-synthetic.yaml": (
         {"hidden_dim": lambda d: d == {"grid_search": [2, 3, 4]}, "seed": lambda d: d == {"grid_search": [0, 1]}},
         6,

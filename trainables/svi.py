@@ -20,10 +20,11 @@ from typing import Any
 import pyro
 import torch
 
-from . import inference
+from . import inference, selection
 from .data import Dataset, Split
 from .models import MapModel, SequenceModel
 from .models.contract import observation_problem
+from .models.counting import free_parameters
 from .settings import TrainConfig
 
 @dataclass
@@ -129,6 +130,11 @@ def num_frames(split: Split) -> int:
     return int(split.lengths.sum()) if split.lengths is not None else split.x.shape[0]
 
 
+def frame_counts(split: Split) -> list[int]:
+    """Each sequence's real frames (one per point)."""
+    return split.lengths.tolist() if split.lengths is not None else [1] * split.x.shape[0]
+
+
 def batches(split: Split, batch_size: int, generator: torch.Generator | None = None):
     """Yield ``(x, lengths)`` minibatches, shuffled by ``generator`` when given, each
     trimmed to its longest sequence."""
@@ -153,6 +159,12 @@ def split_nll(
     ``log_likelihood(x, lengths)`` ``(..., N)``: one figure per candidate of a batch."""
     total = sum(log_likelihood(x, lengths).sum(-1).double() for x, lengths in batches(split, batch_size))
     return -total / num_frames(split)
+
+
+@torch.no_grad()
+def sequence_log_likelihoods(model: SequenceModel, split: Split, batch_size: int = 64) -> torch.Tensor:
+    """``(N,)`` each sequence's (or point's) log-likelihood, float64, in the split's order."""
+    return torch.cat([model.log_likelihood(x, lengths).double() for x, lengths in batches(split, batch_size)])
 
 
 def evaluate_nll(model: SequenceModel, split: Split, batch_size: int = 64) -> float:
@@ -421,13 +433,26 @@ class Trainer:
         self._load(0)
         return records
 
-    def best_test_nll(self, index: int = 0) -> float:
-        """Test NLL per frame of candidate ``index``'s parameters at its best epoch."""
+    def best_scores(self, index: int = 0) -> dict[str, float]:
+        """Candidate ``index``'s figures at its best epoch: ``test_nll`` per frame, and for
+        choosing the number of states (:mod:`trainables.selection`) ``num_parameters``, the
+        ``valid_nll_se`` and, where the likelihood is exact, ``bic`` and ``aic`` of the
+        training split."""
         current = copy.deepcopy(self.model.state_dict())
         self.model.load_state_dict(self.candidates[index].best_state)
-        test_nll = evaluate_nll(self.model, self.splits["test"])
+        model, valid, train = self.model, self.splits["valid"], self.splits["train"]
+        scores = {
+            "test_nll": evaluate_nll(model, self.splits["test"]),
+            "num_parameters": float(free_parameters(model)),
+            "valid_nll_se": selection.per_frame_standard_error(
+                (-sequence_log_likelihoods(model, valid)).tolist(), frame_counts(valid)
+            ),
+        }
+        if model.exact:
+            log_likelihood = float(sequence_log_likelihoods(model, train).sum())
+            scores.update(selection.information_criteria(log_likelihood, int(scores["num_parameters"]), num_frames(train)))
         self.model.load_state_dict(current)
-        return test_nll
+        return scores
 
     def result(self, index: int = 0) -> TrainResult:
         """Leave the model at candidate ``index``'s best epoch and summarise its run."""

@@ -108,7 +108,7 @@ class Trial:
         # every candidate as (trainer, index in that trainer)
         self.candidates = [(t, i) for t in self.trainers for i in range(len(t.candidates))]
         self.restored = self._restore()
-        self._test_nll: tuple[tuple[int, int], float] | None = None
+        self._best_scores: tuple[tuple[int, int], dict[str, float]] | None = None
         first = self.trainers[0]
         self.engine = engine_path(first.model, first.splits["train"], first.device)
         self.setup_s = time.perf_counter() - started
@@ -158,13 +158,14 @@ class Trial:
         """Index of the candidate the training objective prefers (lowest last train loss)."""
         return min(range(len(self.candidates)), key=lambda i: self.record(i).history[-1].train_loss)
 
-    def test_nll(self, index: int) -> float:
-        """Test NLL of candidate ``index`` at its best epoch (computed once per best)."""
+    def best_scores(self, index: int) -> dict[str, float]:
+        """Test NLL and K-selection figures of candidate ``index`` at its best epoch
+        (:meth:`Trainer.best_scores`, computed once per best)."""
         trainer, local = self.candidates[index]
         key = (index, self.record(index).best_epoch)
-        if self._test_nll is None or self._test_nll[0] != key:
-            self._test_nll = (key, trainer.best_test_nll(local))
-        return self._test_nll[1]
+        if self._best_scores is None or self._best_scores[0] != key:
+            self._best_scores = (key, trainer.best_scores(local))
+        return self._best_scores[1]
 
     def metrics(self) -> dict[str, Any]:
         index = self.chosen()
@@ -179,7 +180,7 @@ class Trial:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "best_valid_nll": candidate.best_valid,
             "best_epoch": candidate.best_epoch,
-            "test_nll": self.test_nll(index),
+            **self.best_scores(index),
             "candidate": index,
             "node_id": ray.get_runtime_context().get_node_id(),
             "hostname": socket.gethostname(),
