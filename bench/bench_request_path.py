@@ -45,9 +45,9 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 def value_by_value(model, body: dict) -> list[np.ndarray]:
     """The body's sequences checked by ``scoring._frame`` alone (the fallback's check)."""
-    width, binary = model.data_dim, model.observation == "binary"
+    declared = model.data_dim, model.observation, model.missing_values
     return [
-        np.stack([scoring._frame(frame, f"sequences[{n}][{t}]", width, binary) for t, frame in enumerate(sequence)])
+        np.stack([scoring._frame(frame, f"sequences[{n}][{t}]", *declared) for t, frame in enumerate(sequence)])
         for n, sequence in enumerate(body["sequences"])
     ]
 

@@ -36,9 +36,9 @@ MAX_BODY_AHEAD = 256 * 1024  # a body up to this long is read by the proxy and s
 SCOPE_BODY = "pyrosweep.body"
 AHEAD_WAIT_S = 1.0  # how long the proxy waits for such a body before passing it on as it comes
 
-# The most bytes one value takes in a body: "1.0, " for a binary model, a float64 written
-# in full ("-1.2345678901234567e-123, ") otherwise; each frame adds "[], ".
-BYTES_PER_VALUE = {"binary": 5, "categorical": 5, "counts": 12, "real": 26}
+# The most bytes one value takes in a body: "null, " (missing) for a binary model, a float64
+# written in full ("-1.2345678901234567e-123, ") otherwise; each frame adds "[], ".
+BYTES_PER_VALUE = {"binary": 6, "categorical": 6, "counts": 12, "real": 26}
 BYTES_PER_FRAME = 4
 BYTES_AROUND = 64 * 1024  # keys, sequence brackets, white space
 

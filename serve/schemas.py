@@ -26,7 +26,9 @@ MAX_SAMPLE_LENGTH = 10_000
 MAX_SEED = 2**63 - 1
 METHODS = ("score", "decode", "posterior", "sample")
 
-Frame = list[float]
+# a value may be null: missing, integrated out (trainables.models.missing) by a model whose
+# GET /v1/model says missing_values: true
+Frame = list[float | None]
 
 
 # Requests
@@ -42,8 +44,8 @@ class SequencesRequest(Request):
     sequences: list[Annotated[list[Frame], Field(min_length=1)]] = Field(
         min_length=1,
         max_length=MAX_SEQUENCES,
-        description=f"N sequences of T_i frames of data_dim numbers (0 or 1 for a binary model), "
-        f"{MAX_FRAMES} frames in all at most",
+        description=f"N sequences of T_i frames of data_dim numbers (0 or 1 for a binary model; null "
+        f"where a value is missing), {MAX_FRAMES} frames in all at most",
         examples=[[[[0.0, 1.0], [1.0, 1.0]]]],
     )
 
@@ -52,7 +54,8 @@ class PointsRequest(Request):
     """The body of ``score``, ``decode`` and ``posterior`` for a model of points (a mixture)."""
 
     points: list[Frame] = Field(
-        min_length=1, max_length=MAX_SEQUENCES, description="N points of data_dim numbers", examples=[[[0.0, 1.0]]]
+        min_length=1, max_length=MAX_SEQUENCES, description="N points of data_dim numbers (null where missing)",
+        examples=[[[0.0, 1.0]]],
     )
 
 
@@ -78,29 +81,36 @@ class Answer(BaseModel):
     model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
 
-class ScoreAnswer(Answer):
-    log_likelihood: list[float] = Field(description="log p(x) per sequence (point), in nats (N,)")
+class ObservedAnswer(Answer):
+    """Base of the answers about given inputs: how much of each was observed."""
+
+    observed_values: list[int] = Field(description="the values of each sequence (point) that were not null (N,)")
+
+
+class ScoreAnswer(ObservedAnswer):
+    log_likelihood: list[float] = Field(description="log p(observed x) per sequence (point), in nats (N,)")
     per_step: list[list[float]] = Field(
-        description="per-step increments log p(x_t | x_<t) (N, T_i), summing to log_likelihood; one step per point"
+        description="per-step increments log p(observed x_t | observed x_<t) (N, T_i), summing to "
+        "log_likelihood; one step per point; 0 for a frame of nulls"
     )
     exact: bool = Field(description="false where log_likelihood is a lower bound (an IWAE bound)")
 
 
-class StatePathAnswer(Answer):
+class StatePathAnswer(ObservedAnswer):
     """``decode`` of a model with discrete states (components)."""
 
     states: list[list[int]] | list[int] = Field(description="most likely states (N, T_i), or components (N,)")
     log_joint: list[float] = Field(description="log p(states, x) (N,)")
 
 
-class LatentPathAnswer(Answer):
+class LatentPathAnswer(ObservedAnswer):
     """``decode`` of a model with continuous latents."""
 
     latents: list[list[list[float]]] = Field(description="latent path (N, T_i, Z)")
     log_joint: list[float] = Field(description="log p(x, latents) (N,), a density in the latents")
 
 
-class MarginalsAnswer(Answer):
+class MarginalsAnswer(ObservedAnswer):
     """``posterior`` of a model with discrete states (components)."""
 
     marginals: list[list[list[float]]] | list[list[float]] = Field(
@@ -108,7 +118,7 @@ class MarginalsAnswer(Answer):
     )
 
 
-class GaussianPosteriorAnswer(Answer):
+class GaussianPosteriorAnswer(ObservedAnswer):
     """``posterior`` of a model with continuous latents."""
 
     loc: list[list[list[float]]] = Field(description="per-step Gaussian mean (N, T_i, Z)")
@@ -167,6 +177,7 @@ class ModelDescription(BaseModel):
     observation: Literal["binary", "real", "counts", "categorical"]  # trainables.models.contract.Observation (no torch here)
     latent: Literal["states", "components", "continuous"]
     exact: bool
+    missing_values: bool = Field(description="whether null values are taken (missing, integrated out exactly)")
     data_dim: int
     hidden_dim: int
     hyperparameters: dict[str, Any]

@@ -23,13 +23,15 @@ import torch
 from pydantic import ValidationError
 
 from trainables.models import SequenceModel
-from trainables.models.contract import OBSERVATION_RULES, bad_frames, bad_values
+from trainables.models.contract import MISSING_REFUSED, OBSERVATION_RULES, bad_frames, bad_values
+from trainables.models.missing import observed_values
 
 from .errors import RequestError
 from .schemas import MAX_FRAMES, MAX_SEQUENCES, METHODS, SampleRequest, check_answer
 
 SCORE_SEED = 0  # particles of a likelihood bound (DMM) are drawn from this seed per request
 NUMBERS = frozenset({int, float})  # the types of JSON numbers (bool is not one)
+MISSING = frozenset({type(None)})  # JSON null: a missing value, for a model that takes them
 
 
 class Scores(NamedTuple):
@@ -61,48 +63,57 @@ def _finite(value: int | float) -> bool:
         return False
 
 
-def _frame(values: Any, where: str, width: int, observation: str) -> np.ndarray:
-    """One frame (point) checked value by value: the first bad one says what and where."""
+def _frame(values: Any, where: str, width: int, observation: str, missing: bool) -> np.ndarray:
+    """One frame (point) checked value by value: the first bad one says what and where;
+    null is a missing value where ``missing`` (the model takes them)."""
     if not isinstance(values, list):
         raise RequestError(422, f"{where}: expected a list of {width} numbers, got {type(values).__name__}")
     if len(values) != width:
         raise RequestError(422, f"{where}: expected {width} values, got {len(values)}")
     for d, value in enumerate(values):
+        if value is None:
+            if not missing:
+                raise RequestError(422, f"{where}[{d}]: null (missing) is {MISSING_REFUSED}")
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RequestError(422, f"{where}[{d}]: expected a number, got {_shown(value)}")
         if not _finite(value):
             raise RequestError(422, f"{where}[{d}]: expected a finite number, got {_shown(value)}")
         if bad_values(np.array([float(value)]), observation)[0]:
             raise RequestError(422, f"{where}[{d}]: expected {OBSERVATION_RULES[observation]}, got {_shown(value)}")
-    frame = np.asarray(values, dtype=np.float64)
+    frame = np.asarray(values, dtype=np.float64)  # null -> NaN
     if bad_frames(frame, observation):
+        if np.isnan(frame).any():
+            raise RequestError(422, f"{where}: partly null; a one-hot frame is null whole (missing) or not at all")
         raise RequestError(422, f"{where}: expected one 1 among {width} values (a one-hot symbol), got {frame.sum():g}")
     return frame
 
 
-def _fast_frames(frames: list, width: int, observation: str) -> np.ndarray | None:
-    """``frames`` as a ``(len(frames), width)`` float64 array when every frame is a list of
-    ``width`` finite JSON numbers that ``observation`` allows, else None; vectorised (the
-    value-by-value check is 4-7x slower on a 76 x 88 chorale: bench/bench_request_path.py)."""
+def _fast_frames(frames: list, width: int, observation: str, missing: bool) -> np.ndarray | None:
+    """``frames`` as a ``(len(frames), width)`` float64 array (NaN for null) when every frame
+    is a list of ``width`` finite JSON numbers that ``observation`` allows, or nulls where
+    ``missing``, else None; vectorised (the value-by-value check is 4-7x slower on a 76 x 88
+    chorale: bench/bench_request_path.py)."""
     try:
-        if not set(map(type, chain.from_iterable(frames))) <= NUMBERS:
+        if not set(map(type, chain.from_iterable(frames))) <= (NUMBERS | MISSING if missing else NUMBERS):
             return None
         array = np.asarray(frames, dtype=np.float64)
     except (TypeError, ValueError, OverflowError):  # a frame that is no list, ragged, huge ints
         return None
-    if array.ndim != 2 or array.shape[1] != width or not np.isfinite(array).all():
+    if array.ndim != 2 or array.shape[1] != width or np.isinf(array).any():
         return None
     if bad_values(array, observation).any() or bad_frames(array, observation).any():
         return None
     return array
 
 
-def _frames(frames: list, where: str, width: int, observation: str) -> np.ndarray:
-    """``frames`` (a list of frames or of points) as a ``(len(frames), width)`` array, or
+def _frames(frames: list, where: str, model: SequenceModel) -> np.ndarray:
+    """``frames`` (a list of frames or of points) as a ``(len(frames), data_dim)`` array, or
     the ``RequestError`` of the first bad frame ``where[t]``."""
-    array = _fast_frames(frames, width, observation)
+    declared = model.data_dim, model.observation, model.missing_values
+    array = _fast_frames(frames, *declared)
     if array is None:  # something is wrong: find the first bad place
-        array = np.stack([_frame(frame, f"{where}[{t}]", width, observation) for t, frame in enumerate(frames)])
+        array = np.stack([_frame(frame, f"{where}[{t}]", *declared) for t, frame in enumerate(frames)])
     return array
 
 
@@ -125,9 +136,9 @@ def _items(body: Any, key: str, what: str) -> list:
 def parse_inputs(model: SequenceModel, body: Any) -> list[np.ndarray]:
     """The validated items of a body (``SequencesRequest`` or ``PointsRequest``, by the
     model's ``data_kind``): float64 arrays, ``(T_i, D)`` per sequence or ``(D,)`` per point."""
-    key, width, observation = model.data_kind, model.data_dim, model.observation
+    key, width = model.data_kind, model.data_dim
     if key == "points":
-        return list(_frames(_items(body, key, f"points of {width} values"), key, width, observation))
+        return list(_frames(_items(body, key, f"points of {width} values"), key, model))
     sequences = _items(body, key, f"sequences of frames of {width} values")
     total = sum(len(s) for s in sequences if isinstance(s, list))
     if total > MAX_FRAMES:
@@ -136,7 +147,7 @@ def parse_inputs(model: SequenceModel, body: Any) -> list[np.ndarray]:
     for n, sequence in enumerate(sequences):
         if not isinstance(sequence, list) or not sequence:
             raise RequestError(422, f"sequences[{n}]: expected a non-empty list of frames")
-        parsed.append(_frames(sequence, f"sequences[{n}]", width, observation))
+        parsed.append(_frames(sequence, f"sequences[{n}]", model))
     return parsed
 
 
@@ -194,7 +205,8 @@ def compute(model: SequenceModel, method: str, items: list[np.ndarray]) -> dict[
         result = model.posterior(x, lengths)
     else:
         raise RequestError(404, f"unknown method {method!r}; expected one of {list(METHODS)}")
-    return _fields(result, None if lengths is None else lengths.tolist())
+    return {**_fields(result, None if lengths is None else lengths.tolist()),
+            "observed_values": observed_values(x, lengths).tolist()}
 
 
 def complete(model: SequenceModel, method: str, fields: dict[str, list]) -> dict[str, Any]:

@@ -106,3 +106,23 @@ def tracking_server(backend_store_uri: str, artifacts: Path) -> Iterator[str]:
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
+
+
+def knock_out(data, fraction: float, seed: int, whole_frames: bool = False):
+    """``data`` (a ``Dataset``) with each value of its real frames (each whole frame, for
+    one-hot symbols) missing (NaN) with probability ``fraction``, at random from ``seed``."""
+    import torch
+
+    from trainables.data import Dataset, Split
+    from trainables.inference import frame_mask
+
+    generator = torch.Generator().manual_seed(seed)
+    splits = {}
+    for name, split in data.splits.items():
+        x = split.x.clone()
+        real = torch.ones(x.shape[:-1], dtype=torch.bool) if split.lengths is None else frame_mask(split.lengths, x.shape[1])
+        gone = (torch.rand(x.shape[:-1] if whole_frames else x.shape, generator=generator) < fraction)
+        gone = (gone.unsqueeze(-1) if whole_frames else gone) & real.unsqueeze(-1)
+        x[gone.expand_as(x)] = float("nan")
+        splits[name] = Split(x, split.lengths)
+    return Dataset(data.name, splits, data.data_dim, truth=data.truth)

@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import torch
 from hmmlearn.hmm import GaussianHMM
+from helpers import knock_out
 from test_speed_paths import in_float64
 
 from trainables.data import load_dataset
 from trainables.models import build_model
+from trainables.models.missing import start_frames
 from trainables.settings import TrainConfig
 from trainables.svi import Trainer
 
@@ -38,16 +40,22 @@ CASES = {  # case -> (family, data set, hyperparameters)
 }
 
 
-def em_trainer(case: str, epochs: int = 25, tolerance: float = 0.0, restarts: int = 3, seed: int = 0) -> Trainer:
-    """A float64 EM trainer of ``case`` with ``restarts`` stacked starts."""
+def em_trainer(
+    case: str, epochs: int = 25, tolerance: float = 0.0, restarts: int = 3, seed: int = 0, missing: float = 0.0
+) -> Trainer:
+    """A float64 EM trainer of ``case`` with ``restarts`` stacked starts, a ``missing``
+    fraction of the values missing (whole frames of one-hot symbols)."""
     family, name, hparams = CASES[case]
     options = {"num_sequences": 40, "length": 30} if family != "gmm" else {}
     data = in_float64(load_dataset(name, seed=seed, **options))
+    if missing:
+        data = knock_out(data, missing, seed + 1, whole_frames=family == "categorical-hmm")
     hparams = {"hidden_dim": 3, **hparams}
     model = build_model(family, data_dim=data.data_dim, **hparams).double()
     generator = torch.Generator().manual_seed(seed)
     train = data.splits["train"]
-    starts = [model.init_parameters(train.x, train.lengths, generator) for _ in range(restarts)]
+    frames = start_frames(train.x, train.lengths)
+    starts = [model.init_parameters(frames, train.lengths, generator) for _ in range(restarts)]
     config = TrainConfig(method="em", epochs=epochs, tolerance=tolerance, patience=None, seed=seed)
     return Trainer(model, data, config, initial_parameters=starts)
 

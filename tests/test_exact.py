@@ -16,7 +16,7 @@ import torch
 from torch.distributions import Bernoulli, Categorical, MultivariateNormal, Normal, Poisson
 
 from trainables.engines import ENGINE_ENV
-from trainables.models import build_model
+from trainables.models import build_model, family_class
 
 RTOL, ATOL = 1e-9, 1e-10
 K_OF = {"hmm": 3, "arhmm": 2, "fhmm": 4, "pfhmm": 4, "hmm2": 2, "nnhmm": 3, "gaussian-hmm": 3, "categorical-hmm": 3, "poisson-hmm": 3}
@@ -27,7 +27,9 @@ pytestmark = pytest.mark.usefixtures("engine")  # every test here on both paths 
 
 
 def bern(x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    return Bernoulli(probs=probs).log_prob(x).sum()
+    """The observed keys' log-probability (NaN values are missing)."""
+    seen = ~torch.isnan(x)
+    return Bernoulli(probs=probs[seen]).log_prob(x[seen]).sum()
 
 
 def path_terms(family: str, model, x: torch.Tensor, path: tuple[int, ...]):
@@ -70,12 +72,17 @@ def path_terms(family: str, model, x: torch.Tensor, path: tuple[int, ...]):
         elif family == "nnhmm":
             logits = model.tones(previous[t])[z[t]]
             total += Bernoulli(logits=logits).log_prob(x[t]).sum()
-        elif family == "categorical-hmm":
-            total += Categorical(probs=p["emission_probs"][z[t]]).log_prob(x[t].argmax())
+        elif family == "categorical-hmm":  # a frame is missing whole or not at all
+            if not torch.isnan(x[t]).all():
+                total += Categorical(probs=p["emission_probs"][z[t]]).log_prob(x[t].argmax())
         elif family == "poisson-hmm":
-            total += Poisson(p["rates"][z[t]]).log_prob(x[t]).sum()
-        else:  # gaussian-hmm, any covariance type
-            total += MultivariateNormal(p["means"][z[t]], p["covariances"][z[t]]).log_prob(x[t])
+            seen = ~torch.isnan(x[t])
+            total += Poisson(p["rates"][z[t]][seen]).log_prob(x[t][seen]).sum()
+        else:  # gaussian-hmm, any covariance type: the marginal of the observed block
+            seen = (~torch.isnan(x[t])).nonzero().squeeze(-1)
+            if len(seen):
+                block = p["covariances"][z[t]][seen[:, None], seen]
+                total += MultivariateNormal(p["means"][z[t]][seen], block).log_prob(x[t][seen])
     return total, z
 
 
@@ -89,9 +96,17 @@ def enumerate_paths(family: str, model, x: torch.Tensor):
     return [path_terms(family, model, x, path) for path in itertools.product(range(space), repeat=size)]
 
 
-def make_model(family: str, seed: int = 0):
+#: where ``make_model(..., missing=True)`` knocks values out of its ``(4, 4, D)`` frames
+#: (lengths 4, 2, 1, 3): fully missing first and last frames, a sequence of only missing
+#: values, partly missing frames (whole frames for categorical-hmm)
+MISSING_FRAMES = [(0, 0), (1, 1), (2, 0)]
+PARTLY_MISSING = [(0, 3, 0), (3, 0, 1), (3, 2, 0)]
+
+
+def make_model(family: str, seed: int = 0, missing: bool = False):
     """A float64 model of ``family`` (``gaussian-hmm-KIND``: that covariance type) with
-    random parameters, and ragged frames ``(4, 4, D)`` it could emit."""
+    random parameters, and ragged frames ``(4, 4, D)`` it could emit; with ``missing``,
+    the values of :data:`MISSING_FRAMES` and :data:`PARTLY_MISSING` are NaN."""
     torch.manual_seed(seed)
     hparams = {"nn_dim": 5, "nn_channels": 2} if family == "nnhmm" else {}
     if family.startswith("gaussian-hmm-"):
@@ -109,15 +124,29 @@ def make_model(family: str, seed: int = 0):
     else:
         x = (torch.rand(N, T, D) < 0.4).double()
     model.set_parameters(**model.init_parameters(x, lengths, torch.Generator().manual_seed(seed)))
+    if missing:
+        for n, t in MISSING_FRAMES:
+            x[n, t] = math.nan
+        for n, t, d in PARTLY_MISSING:
+            if family == "categorical-hmm":
+                x[n, t] = math.nan
+            else:
+                x[n, t, d] = math.nan
     return model, x, lengths
 
 
 FAMILIES = list(K_OF)
+#: every family with complete frames, and those that take missing values (not arhmm,
+#: nnhmm: their emissions condition on the previous frame's values) with missing ones too
+CASES = [(family, False) for family in FAMILIES] + [
+    (family, True) for family in FAMILIES
+    if family_class("gaussian-hmm" if family.startswith("gaussian-hmm") else family).missing_values
+]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_likelihood_and_steps_match_enumeration(family):
-    model, x, lengths = make_model(family)
+@pytest.mark.parametrize("family, missing", CASES)
+def test_likelihood_and_steps_match_enumeration(family, missing):
+    model, x, lengths = make_model(family, missing=missing)
     steps = model.log_likelihood_steps(x, lengths).detach()
     total = model.log_likelihood(x, lengths).detach()
     for n, length in enumerate(lengths.tolist()):
@@ -132,9 +161,9 @@ def test_likelihood_and_steps_match_enumeration(family):
         torch.testing.assert_close(steps[n].sum(), total[n], rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_viterbi_matches_enumeration(family):
-    model, x, lengths = make_model(family, seed=1)
+@pytest.mark.parametrize("family, missing", CASES)
+def test_viterbi_matches_enumeration(family, missing):
+    model, x, lengths = make_model(family, seed=1, missing=missing)
     states, log_joint = model.decode(x, lengths)
     assert states.dtype == torch.int64 and states.shape == x.shape[:2]
     for n, length in enumerate(lengths.tolist()):
@@ -145,9 +174,9 @@ def test_viterbi_matches_enumeration(family):
         assert (states[n, length:] == -1).all()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_posterior_marginals_match_enumeration(family):
-    model, x, lengths = make_model(family, seed=2)
+@pytest.mark.parametrize("family, missing", CASES)
+def test_posterior_marginals_match_enumeration(family, missing):
+    model, x, lengths = make_model(family, seed=2, missing=missing)
     (marginals,) = model.posterior(x, lengths)
     num_reported = marginals.shape[-1]
     for n, length in enumerate(lengths.tolist()):
@@ -161,9 +190,9 @@ def test_posterior_marginals_match_enumeration(family):
         assert (marginals[n, length:] == 0).all()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_padding_never_matters(family):
-    model, x, lengths = make_model(family, seed=3)
+@pytest.mark.parametrize("family, missing", CASES)
+def test_padding_never_matters(family, missing):
+    model, x, lengths = make_model(family, seed=3, missing=missing)
     garbage = x.clone()
     for n, length in enumerate(lengths.tolist()):
         garbage[n, length:] = torch.randn_like(garbage[n, length:]).abs().round()
@@ -175,9 +204,9 @@ def test_padding_never_matters(family):
     torch.testing.assert_close(model.posterior(garbage, lengths), model.posterior(x, lengths))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gradients_are_finite_and_seeded_sampling_repeats(family):
-    model, x, lengths = make_model(family, seed=4)
+@pytest.mark.parametrize("family, missing", CASES)
+def test_gradients_are_finite_and_seeded_sampling_repeats(family, missing):
+    model, x, lengths = make_model(family, seed=4, missing=missing)
     model.log_likelihood(x, lengths).sum().backward()
     grads = [p.grad for p in model.parameters()]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -47,6 +47,7 @@ from serve.scoring import SCORE_SEED, Scores
 from trainables.data import load_dataset
 from trainables.models import build_model
 from trainables.models.contract import GaussianPosterior, LatentPath, Marginals, Samples, StatePath
+from trainables.models.missing import observed_values
 from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.settings import TrainConfig
 from trainables.svi import train
@@ -58,6 +59,7 @@ FAMILIES = {
     "gaussian-hmm": ("synthetic-gaussian-hmm", {}),
     "categorical-hmm": ("synthetic-categorical-hmm", {}),
     "poisson-hmm": ("synthetic-poisson-hmm", {}),
+    "arhmm": ("synthetic-hmm", {}),  # takes no missing values
     "gmm": ("synthetic-gmm", {}),
     "dmm": ("synthetic-hmm", {"emission_dim": 8, "transition_dim": 8, "rnn_dim": 8}),
 }
@@ -107,10 +109,10 @@ def close(a, b):
     torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), rtol=1e-5, atol=1e-5)
 
 
-def same_fields(served: dict, result, lengths) -> None:
-    """``served`` has exactly the fields of the contract ``result``, each equal to it;
-    values with a time axis cut to each length."""
-    assert set(served) == set(result._fields)
+def same_fields(served: dict, result, lengths, observed: list[int]) -> None:
+    """``served`` has exactly the fields of the contract ``result``, each equal to it
+    (values with a time axis cut to each length), and ``observed_values``."""
+    assert set(served) == {*result._fields, "observed_values"} and served["observed_values"] == observed
     for name, value in result._asdict().items():
         if lengths is None or value.dim() < 2:
             close(served[name], value.tolist())
@@ -145,10 +147,12 @@ def test_served_answers_equal_the_in_process_model(server, family):
         close(scored["log_likelihood"], seeded.sum(-1).tolist())
         assert post(f"{url}/v1/score", body)[1] == scored, "the same request gets the same bound"
 
+    observed = observed_values(x, lengths).tolist()
+    assert scored["observed_values"] == observed
     for method in ("decode", "posterior"):
         status, served = post(f"{url}/v1/{method}", body)
         assert status == 200
-        same_fields(served, getattr(model, method)(x, lengths), lengths)
+        same_fields(served, getattr(model, method)(x, lengths), lengths, observed)
 
     status, sampled = post(f"{url}/v1/sample", {"num_sequences": 2, "length": 5, "seed": 3})
     x_sampled, z_sampled = model.sample(2, 5, seed=3)
@@ -248,24 +252,89 @@ def test_symbols_and_counts_are_checked_where_they_are_wrong(server, family, fra
     assert post(f"{url}/v1/score", {"sequences": [good]})[0] == 200
 
 
+def with_nulls(family: str, body: dict) -> dict:
+    """``body`` with values made null: a value and a whole frame (point) of the first item,
+    and every frame of the second sequence (one-hot symbols: whole frames only)."""
+    key = next(iter(body))
+    items = [[list(frame) for frame in item] for item in body[key]] if key == "sequences" else [list(p) for p in body[key]]
+    if key == "points":
+        items[0][0], items[1] = None, [None] * len(items[1])
+        return {key: items}
+    first = items[0]
+    first[0] = [None] * len(first[0])
+    if family != "categorical-hmm":
+        first[1][0] = None
+    items[1] = [[None] * len(frame) for frame in items[1]]
+    return {key: items}
+
+
+@pytest.mark.parametrize("family", ["hmm", "gaussian-hmm", "categorical-hmm", "poisson-hmm", "gmm", "dmm"])
+def test_null_values_are_missing_and_answered_as_in_process(server, family):
+    """Nulls are missing values, integrated out: the answers equal the in-process model's
+    on the frames with NaN there, a frame of nulls and a sequence of only nulls included,
+    and say how many values each item had; a bad value beside a null is still a 422 that
+    says where."""
+    url = f"{server['base']}/{family}"
+    model = load_checkpoint(server["checkpoints"][family])
+    body, (x, lengths) = request_inputs(family)
+    body = with_nulls(family, body)
+    holey = x.clone()
+    for n, item in enumerate(body[model.data_kind]):
+        for t, frame in enumerate(item if lengths is not None else [item]):
+            for d, value in enumerate(frame):
+                if value is None:
+                    holey[(n, t, d) if lengths is not None else (n, d)] = math.nan
+    status, scored = post(f"{url}/v1/score", body)
+    assert status == 200, scored
+    observed = observed_values(holey, lengths).tolist()
+    assert scored["observed_values"] == observed and observed[1] == 0
+    generator = None if model.exact else torch.Generator().manual_seed(SCORE_SEED)
+    steps = model.log_likelihood_steps(holey, lengths, **({} if model.exact else {"generator": generator})).detach()
+    close(scored["log_likelihood"], steps.sum(-1).tolist())
+    if model.exact:
+        for method in ("decode", "posterior"):
+            status, served = post(f"{url}/v1/{method}", body)
+            assert status == 200
+            same_fields(served, getattr(model, method)(holey, lengths), lengths, observed)
+    key = model.data_kind
+    bad = json.loads(json.dumps(body))
+    if key == "points":
+        bad[key][0][1], where = "x", "points[0][1]"
+    else:
+        bad[key][0][2][0], where = "x", "sequences[0][2][0]"
+    status, refused = post(f"{url}/v1/score", bad)
+    assert status == 422 and refused["detail"].startswith(where), refused
+
+
+def test_a_family_that_takes_no_missing_values_refuses_a_null_where_it_is(server):
+    body, _ = request_inputs("arhmm")
+    body["sequences"][1][2][3] = None
+    status, refused = post(f"{server['base']}/arhmm/v1/score", body)
+    assert status == 422 and refused["detail"].startswith("sequences[1][2][3]: null (missing) is a value this family cannot take"), refused
+    assert get(f"{server['base']}/arhmm/v1/model")[1]["missing_values"] is False
+    assert get(f"{server['base']}/hmm/v1/model")[1]["missing_values"] is True
+
+
 def test_non_finite_answers_are_written_as_pythons_json_writes_them(server):
     """A finite but extreme frame gives an exact log-likelihood of -inf in float32: every
     route writes it as ``-Infinity`` (a union answer too), never as null."""
     data_dim = load_checkpoint(server["checkpoints"]["gaussian-hmm"]).data_dim
     body = {"sequences": [[[1e30] * data_dim]]}
     url = f"{server['base']}/gaussian-hmm"
-    assert post(f"{url}/v1/score", body) == (200, {"log_likelihood": [-math.inf], "per_step": [[-math.inf]], "exact": True})
+    expected = {"log_likelihood": [-math.inf], "per_step": [[-math.inf]], "exact": True, "observed_values": [data_dim]}
+    assert post(f"{url}/v1/score", body) == (200, expected)
     status, decoded = post(f"{url}/v1/decode", body)
     assert status == 200 and decoded["log_joint"] == [-math.inf]
 
 
 def test_the_answer_models_have_the_fields_of_the_contracts_results():
-    """The JSON keys of an answer are the field names of the model's named result (a score
-    adds ``exact``)."""
+    """The JSON keys of an answer are the field names of the model's named result; an
+    answer about given inputs adds ``observed_values``, a score ``exact``."""
     pairs = [(Scores, ScoreAnswer), (StatePath, StatePathAnswer), (LatentPath, LatentPathAnswer),
              (Marginals, MarginalsAnswer), (GaussianPosterior, GaussianPosteriorAnswer), (Samples, SampleAnswer)]
     for result, answer in pairs:
-        assert list(answer.model_fields) == [*result._fields, *(["exact"] if result is Scores else [])]
+        observed = [] if result is Samples else ["observed_values"]
+        assert sorted(answer.model_fields) == sorted([*result._fields, *observed, *(["exact"] if result is Scores else [])])
 
 
 def resolved(document: dict, schema: dict) -> dict:

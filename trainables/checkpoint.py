@@ -66,6 +66,7 @@ def describe(model: SequenceModel) -> dict[str, Any]:
         "observation": model.observation,
         "latent": model.latent,
         "exact": model.exact,
+        "missing_values": model.missing_values,
         "data_dim": model.data_dim,
         "hidden_dim": model.hidden_dim,
         "hyperparameters": model.config,

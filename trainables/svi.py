@@ -25,6 +25,7 @@ from .data import Dataset, Split
 from .models import MapModel, SequenceModel
 from .models.contract import observation_problem
 from .models.counting import free_parameters
+from .models.missing import start_frames
 from .settings import TrainConfig
 
 @dataclass
@@ -110,9 +111,10 @@ def engine_path(model, split: Split, device: torch.device) -> str | None:
 
 def check_observations(model: SequenceModel, split: Split, name: str) -> None:
     """Refuse a split whose real frames the family cannot score (counts that are not
-    non-negative integers, frames that are not one-hot, ...), naming the first place."""
+    non-negative integers, frames that are not one-hot, missing values where the family
+    takes none, ...), naming the first place."""
     real = None if split.lengths is None else inference.frame_mask(split.lengths, split.x.shape[1]).cpu().numpy()
-    problem = observation_problem(split.x.detach().cpu().double().numpy(), model.observation, real)
+    problem = observation_problem(split.x.detach().cpu().double().numpy(), model.observation, real, model.missing_values)
     if problem is not None:
         raise ValueError(f"{model.family}: the {name} split's x{problem}")
 
@@ -188,7 +190,8 @@ def screen_initializations(
 
     :returns: ``(num,)`` the loss of every draw, and the ``keep`` best draws, best first.
     """
-    draws = [model.init_parameters(split.x.cpu(), _cpu(split.lengths), generator) for _ in range(num)]
+    frames = start_frames(split.x.cpu(), _cpu(split.lengths))
+    draws = [model.init_parameters(frames, _cpu(split.lengths), generator) for _ in range(num)]
     dtype, device = model._anchor.dtype, model._anchor.device
     losses = []
     for start in range(0, num, chunk):

@@ -49,6 +49,9 @@ class SequenceModel(PyroModule):
     observation: ClassVar[Observation]
     latent: ClassVar[Latent]
     exact: ClassVar[bool] = True  # False where log_likelihood is a bound (DMM)
+    # whether NaN values are missing values integrated out (.missing); False where a frame's
+    # emission conditions on the previous frame's values (arhmm, nnhmm)
+    missing_values: ClassVar[bool] = True
     hyperparameters: ClassVar[type[Hyperparameters]] = Hyperparameters
 
     def __init__(self, data_dim: int, hidden_dim: int, **hparams: Any) -> None:

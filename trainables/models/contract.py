@@ -14,6 +14,8 @@ A family class sets:
   ``"components"`` (a mixture: a component per point) or ``"continuous"`` (a latent
   vector per frame).
 - ``exact``: False where ``log_likelihood`` is a bound.
+- ``missing_values``: whether NaN values are missing values, integrated out exactly
+  (:mod:`.missing`); False where an emission conditions on the previous frame's values.
 - ``hyperparameters``: a :class:`Hyperparameters` subclass, the one declaration of what
   the family takes besides ``data_dim`` (name, type, default, constraint, description).
 """
@@ -44,34 +46,47 @@ OBSERVATION_RULES = {
 
 
 def bad_values(frames: np.ndarray, observation: Observation) -> np.ndarray:
-    """Boolean mask, the shape of the finite ``frames`` ``(..., D)``, of the values
-    ``observation`` does not allow."""
+    """Boolean mask, the shape of ``frames`` ``(..., D)`` (finite or NaN, which is missing
+    and never bad here), of the values ``observation`` does not allow."""
+    present = ~np.isnan(frames)
     if observation in ("binary", "categorical"):
-        return (frames != 0) & (frames != 1)
+        return present & (frames != 0) & (frames != 1)
     if observation == "counts":
-        return (frames < 0) | (frames != np.floor(frames))
+        return present & ((frames < 0) | (frames != np.floor(frames)))
     return np.zeros(frames.shape, dtype=bool)
 
 
 def bad_frames(frames: np.ndarray, observation: Observation) -> np.ndarray:
-    """Boolean mask ``(...)`` of the frames ``(..., D)`` that are not one-hot, for
-    ``categorical`` (no frame is bad for the other kinds)."""
+    """Boolean mask ``(...)`` of the frames ``(..., D)`` that are neither one-hot nor
+    missing whole (all NaN), for ``categorical`` (no frame is bad for the other kinds)."""
     if observation != "categorical":
         return np.zeros(frames.shape[:-1], dtype=bool)
-    return frames.sum(-1) != 1
+    missing = np.isnan(frames)
+    return np.where(missing.any(-1), ~missing.all(-1), frames.sum(-1) != 1)
 
 
-def observation_problem(x: np.ndarray, observation: Observation, real: np.ndarray | None = None) -> str | None:
+MISSING_REFUSED = "a value this family cannot take missing: its emissions condition on the previous frame's values"
+
+
+def observation_problem(
+    x: np.ndarray, observation: Observation, real: np.ndarray | None = None, missing_values: bool = True
+) -> str | None:
     """The first value or frame of ``x`` ``(..., D)`` (its ``real`` frames ``(...)``, all if
     ``None``) that ``observation`` does not allow, as ``[n, t, d] is v; expected ...``;
-    ``None`` if every one is fine."""
+    ``None`` if every one is fine. NaN values are missing, allowed unless
+    ``missing_values`` is False."""
     real = np.ones(x.shape[:-1], dtype=bool) if real is None else real
+    if not missing_values and len(missing := np.argwhere(np.isnan(x) & real[..., None])):
+        return f"{[int(i) for i in missing[0]]} is missing (NaN); {MISSING_REFUSED}"
     values = np.argwhere(bad_values(x, observation) & real[..., None])
     if len(values):
         return f"{[int(i) for i in values[0]]} is {x[tuple(values[0])]:g}; expected {OBSERVATION_RULES[observation]}"
     frames = np.argwhere(bad_frames(x, observation) & real)
     if len(frames):
-        return f"{[int(i) for i in frames[0]]} has {x[tuple(frames[0])].sum():g} ones; expected {OBSERVATION_RULES[observation]}"
+        frame = x[tuple(frames[0])]
+        if np.isnan(frame).any():
+            return f"{[int(i) for i in frames[0]]} is partly missing; a one-hot frame is missing whole (all NaN) or not at all"
+        return f"{[int(i) for i in frames[0]]} has {frame.sum():g} ones; expected {OBSERVATION_RULES[observation]}"
     return None
 
 

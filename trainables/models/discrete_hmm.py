@@ -17,6 +17,7 @@ from pyro import distributions as dist
 from ..inference import frame_mask
 from . import em
 from .hmm_base import ChainHyperparameters, HMMFamily
+from .missing import filled, observed
 from .parts import flat_dirichlet, safe_log, sticky_simplex, uniform_simplex
 
 
@@ -55,8 +56,10 @@ class CategoricalHMM(HMMFamily):
         }
 
     def emission_log_probs(self, params, x):
-        """``(..., N, T, K)``: ``log emission_probs[k, symbol]`` (one matrix product)."""
-        return torch.einsum("ntv,...sv->...nts", x.to(params["emission_probs"].dtype), safe_log(params["emission_probs"]))
+        """``(..., N, T, K)``: ``log emission_probs[k, symbol]`` (one matrix product); 0 for
+        a missing frame (all NaN: it reads as all zeros)."""
+        frames = filled(x, observed(x)).to(params["emission_probs"].dtype)
+        return torch.einsum("ntv,...sv->...nts", frames, safe_log(params["emission_probs"]))
 
     def sample_emissions(self, params, states, generator):
         probs = params["emission_probs"][states]  # (N, T, V)
@@ -64,7 +67,7 @@ class CategoricalHMM(HMMFamily):
         return torch.nn.functional.one_hot(symbols.reshape(states.shape), self.data_dim).to(probs.dtype)
 
     def emission_m_step(self, params, x, lengths, marginals):
-        counts = torch.einsum("...nts,ntv->...sv", marginals, x.to(marginals.dtype))
+        counts = torch.einsum("...nts,ntv->...sv", marginals, filled(x, observed(x)).to(marginals.dtype))
         return {"emission_probs": em.dirichlet_map(counts, em.base(self.priors()["emission_probs"]).concentration)}
 
 
@@ -103,14 +106,13 @@ class PoissonHMM(HMMFamily):
         }
 
     def emission_log_probs(self, params, x):
-        """``(..., N, T, K)``: ``sum_d x log rate - rate - log x!`` (one matrix product)."""
+        """``(..., N, T, K)``: ``sum_d x log rate - rate - log x!`` over the observed counts
+        (one matrix product; a missing count reads as 0, whose terms but ``- rate`` vanish)."""
         rates = params["rates"]
-        x = x.to(rates.dtype)
-        return (
-            torch.einsum("ntd,...sd->...nts", x, safe_log(rates))
-            - rates.sum(-1)[..., None, None, :]
-            - torch.lgamma(x + 1).sum(-1, keepdim=True)
-        )
+        mask = observed(x)
+        x = filled(x, mask).to(rates.dtype)
+        exposure = rates.sum(-1)[..., None, None, :] if mask is None else torch.einsum("ntd,...sd->...nts", mask.to(rates.dtype), rates)
+        return torch.einsum("ntd,...sd->...nts", x, safe_log(rates)) - exposure - torch.lgamma(x + 1).sum(-1, keepdim=True)
 
     def sample_emissions(self, params, states, generator):
         return torch.poisson(params["rates"][states], generator=generator)
@@ -118,7 +120,7 @@ class PoissonHMM(HMMFamily):
     def emission_m_step(self, params, x, lengths, marginals):
         """``(sum w x + shape - 1) / (sum w + rate)``: the Gamma prior's MAP rate."""
         h = self.hparams
-        x = x.to(marginals.dtype)
-        totals = torch.einsum("...nts,ntd->...sd", marginals, x)
-        visits = marginals.sum((-3, -2)).unsqueeze(-1)
-        return {"rates": (totals + h.prior_rate_shape - 1) / (visits + h.prior_rate_rate)}
+        weights, counts = em.flat_points(marginals, x.to(marginals.dtype))
+        mask = observed(counts)
+        totals = torch.matmul(weights.transpose(-1, -2), filled(counts, mask))
+        return {"rates": (totals + h.prior_rate_shape - 1) / (em.visits(weights, mask) + h.prior_rate_rate)}

@@ -45,6 +45,7 @@ from torch import nn
 
 from .base import SequenceModel
 from .contract import GaussianPosterior, Hyperparameters, LatentPath, Samples
+from .missing import filled, observed
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -135,9 +136,12 @@ def normal_log_prob(value: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor)
 
 
 def bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Bernoulli log-probability ``(...)`` of binary ``x`` ``(..., D)`` (broadcasting)."""
-    x, logits = torch.broadcast_tensors(x, logits)
-    return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+    """Bernoulli log-probability ``(...)`` of the observed values of binary ``x`` ``(..., D)``
+    (NaN where missing, :mod:`.missing`; broadcasting)."""
+    mask = observed(x)
+    x, logits = torch.broadcast_tensors(filled(x, mask), logits)
+    terms = -F.binary_cross_entropy_with_logits(logits, x, reduction="none")
+    return (terms if mask is None else torch.where(mask, terms, 0.0)).sum(-1)
 
 
 def stack_masked(frames: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -208,7 +212,8 @@ class DeepMarkovModel(SequenceModel):
     def _prepare(
         self, x: torch.Tensor, lengths: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Validate ``x`` ``(N, T, D)``; return ``x`` with zeroed padding, ``lengths`` ``(N,)``
+        """Validate ``x`` ``(N, T, D)``; return ``x`` with zeroed padding (missing values
+        still NaN: every use fills them or masks their terms), ``lengths`` ``(N,)``
         (all ``T`` when None) and the frame mask ``(N, T)`` bool (True on real frames)."""
         if x.dim() != 3 or x.size(-1) != self.data_dim:
             raise ValueError(
@@ -233,7 +238,7 @@ class DeepMarkovModel(SequenceModel):
     def _rnn_states(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Backward RNN states ``(N, T, R)``: frame ``t`` summarises ``x_t .. x_{length-1}``."""
         h_0 = self.h_0.expand(1, x.size(0), self.h_0.size(-1)).contiguous()
-        states, _ = self.rnn(reverse_within_lengths(x, lengths), h_0)
+        states, _ = self.rnn(reverse_within_lengths(filled(x, observed(x)), lengths), h_0)
         return reverse_within_lengths(states, lengths)
 
     def _step_iafs(self) -> list[AffineAutoregressive]:
@@ -294,7 +299,8 @@ class DeepMarkovModel(SequenceModel):
         additionally weighs the latent sites (KL annealing).
         """
         x, _, mask = self._prepare(x, lengths)
-        num_sequences = x.size(0)
+        num_sequences, present = x.size(0), observed(x)
+        frames = filled(x, present)
         with poutine.scale(scale=scale), pyro.plate("sequences", num_sequences):
             z_prev = self.z_0.expand(num_sequences, self.hidden_dim)
             for t in pyro.markov(range(x.size(1))):
@@ -303,11 +309,10 @@ class DeepMarkovModel(SequenceModel):
                     z_t = pyro.sample(
                         f"z_{t + 1}", dist.Normal(loc, z_scale).to_event(1).mask(mask[:, t])
                     )
-                pyro.sample(
-                    f"x_{t + 1}",
-                    dist.Bernoulli(logits=self.emitter(z_t)).to_event(1).mask(mask[:, t]),
-                    obs=x[:, t],
-                )
+                emission = dist.Bernoulli(logits=self.emitter(z_t))
+                if present is not None:  # the missing values' terms masked out of the bound
+                    emission = emission.mask(present[:, t])
+                pyro.sample(f"x_{t + 1}", emission.to_event(1).mask(mask[:, t]), obs=frames[:, t])
                 z_prev = z_t
 
     def guide(

@@ -79,39 +79,61 @@ def beta_map(ones: torch.Tensor, zeros: torch.Tensor, a: torch.Tensor, b: torch.
     return torch.where((on > 0) & (off > 0), interior, end)
 
 
-def normal_mean_map(weights: torch.Tensor, x: torch.Tensor, variance: torch.Tensor, prior_scale: float) -> torch.Tensor:
+def visits(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``sum_p w_pk`` over the points that observe each value: ``(..., K, D)`` from
+    ``weights`` ``(..., P, K)`` and the observed ``mask`` ``(P, D)``; ``(..., K, 1)`` (every
+    value observed) where ``mask`` is None."""
+    if mask is None:
+        return weights.sum(-2).unsqueeze(-1)
+    return torch.matmul(weights.transpose(-1, -2), mask.to(weights.dtype))
+
+
+def normal_mean_map(
+    weights: torch.Tensor, x: torch.Tensor, variance: torch.Tensor, prior_scale: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Means ``(..., K, D)`` under a ``Normal(0, prior_scale)`` prior given the
-    responsibilities ``weights`` ``(..., P, K)`` of points ``x`` ``(P, D)`` and the current
-    ``variance`` ``(..., K, D)``: ``sum w x / (sum w + variance / prior_scale^2)``."""
-    total = weights.sum(-2).unsqueeze(-1)
-    return torch.matmul(weights.transpose(-1, -2), x) / (total + variance / prior_scale**2)
+    responsibilities ``weights`` ``(..., P, K)`` of points ``x`` ``(P, D)`` (missing values
+    filled, ``mask`` ``(P, D)`` the observed ones, or None) and the current ``variance``
+    ``(..., K, D)``: ``sum w x / (sum w + variance / prior_scale^2)`` over observed values."""
+    return torch.matmul(weights.transpose(-1, -2), x) / (visits(weights, mask) + variance / prior_scale**2)
 
 
 def gaussian_mean_map(weights: torch.Tensor, x: torch.Tensor, scale_tril: torch.Tensor, prior_scale: float) -> torch.Tensor:
     """Means ``(..., K, D)`` under a ``Normal(0, prior_scale)`` prior given the
-    responsibilities ``weights`` ``(..., P, K)`` of points ``x`` ``(P, D)`` and the current
+    responsibilities ``weights`` ``(..., P, K)`` of points ``x`` ``(P, D)`` (or, with missing
+    values, their expectations under each state ``(..., P, K, D)``) and the current
     covariances' Cholesky factors ``scale_tril`` ``(..., K, D, D)``:
     ``(n Sigma^-1 + I / prior_scale^2)^-1 Sigma^-1 sum w x``."""
     precision = torch.cholesky_inverse(scale_tril.double())
     eye = torch.eye(x.shape[-1], dtype=torch.float64, device=x.device)
     total = weights.double().sum(-2)[..., None, None]
-    first = torch.matmul(weights.double().transpose(-1, -2), x.double()).unsqueeze(-1)  # (..., K, D, 1)
+    if x.dim() == 2:
+        first = torch.matmul(weights.double().transpose(-1, -2), x.double())
+    else:
+        first = torch.einsum("...pk,...pkd->...kd", weights.double(), x.double())
+    first = first.unsqueeze(-1)  # (..., K, D, 1)
     return torch.linalg.solve(total * precision + eye / prior_scale**2, precision @ first).squeeze(-1).to(x.dtype)
 
 
 def scatter(weights: torch.Tensor, x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     """``sum_p w_pk (x_p - mean_k)(x_p - mean_k)^T`` ``(..., K, D, D)`` in float64,
-    summed directly (no cancellation)."""
-    deviations = (x.unsqueeze(-2) - means.unsqueeze(-3)).double()  # (..., P, K, D)
+    summed directly (no cancellation); ``x`` as in :func:`gaussian_mean_map`."""
+    per_state = x.unsqueeze(-2) if x.dim() == 2 else x  # (P, 1, D) or (..., P, K, D)
+    deviations = (per_state - means.unsqueeze(-3)).double()  # (..., P, K, D)
     return torch.einsum("...pk,...pkd,...pke->...kde", weights.double(), deviations, deviations)
 
 
-def squared_deviations(weights: torch.Tensor, x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
-    """``sum_p w_pk (x_pd - mean_kd)^2`` ``(..., K, D)`` in float64, summed directly (no
-    cancellation): compiled on the CPU, else with a ``(..., P, K, D)`` intermediate."""
-    if compiled_on(x.device):
+def squared_deviations(
+    weights: torch.Tensor, x: torch.Tensor, means: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sum_p w_pk (x_pd - mean_kd)^2`` ``(..., K, D)`` in float64 over the observed values
+    (``mask`` ``(P, D)``, None for all), summed directly (no cancellation): compiled on the
+    CPU for complete data, else with a ``(..., P, K, D)`` intermediate."""
+    if mask is None and compiled_on(x.device):
         return compiled.weighted_deviations(weights, x, means)
     deviations = (x.unsqueeze(-2) - means.unsqueeze(-3)).double() ** 2
+    if mask is not None:
+        deviations = deviations * mask.unsqueeze(-2)
     return torch.einsum("...pk,...pkd->...kd", weights.double(), deviations)
 
 

@@ -28,6 +28,7 @@ from ..compiled import diagonal_gaussian
 from ..inference import compiled_on, frame_mask
 from . import em
 from .hmm_base import ChainHyperparameters, HMMFamily
+from .missing import filled, observed
 from .parts import sticky_simplex, uniform_simplex
 
 
@@ -37,18 +38,23 @@ def gaussian_log_probs(x: torch.Tensor, means: torch.Tensor, scales: torch.Tenso
     :param x: ``(..., D)`` frames (any leading shape, e.g. ``(N, T)``).
     :param means: ``(B..., S, D)``; ``scales``: ``(B..., S, D)`` standard deviations (the
         two broadcast against each other).
-    :returns: ``(B..., ..., S)``. On the compiled path (:func:`inference.compiled_on`)
-        without the ``(B..., ..., S, D)`` intermediate; differentiable in ``means`` and
-        ``scales`` on both.
+    :returns: ``(B..., ..., S)``: the density of the observed values of each frame (NaN
+        values are missing, :mod:`.missing`). For complete frames on the compiled path
+        (:func:`inference.compiled_on`) without the ``(B..., ..., S, D)`` intermediate;
+        differentiable in ``means`` and ``scales`` on both.
     """
     means, scales = torch.broadcast_tensors(means, scales)
-    if compiled_on(x.device) and not x.requires_grad and x.dtype in (torch.float32, torch.float64):
+    mask = observed(x)
+    if mask is None and compiled_on(x.device) and not x.requires_grad and x.dtype in (torch.float32, torch.float64):
         return diagonal_gaussian(x, means, scales)
     batch = means.shape[:-2]
     means = means.reshape(*batch, *[1] * (x.dim() - 1), *means.shape[-2:])
     scales = scales.reshape(means.shape)
-    z = (x.unsqueeze(-2) - means) / scales
-    return -0.5 * (z * z).sum(-1) - scales.log().sum(-1) - 0.5 * x.shape[-1] * math.log(2 * math.pi)
+    z = (filled(x, mask).unsqueeze(-2) - means) / scales
+    if mask is None:
+        return -0.5 * (z * z).sum(-1) - scales.log().sum(-1) - 0.5 * x.shape[-1] * math.log(2 * math.pi)
+    terms = -0.5 * z * z - scales.log() - 0.5 * math.log(2 * math.pi)
+    return torch.where(mask.unsqueeze(-2), terms, 0.0).sum(-1)
 
 
 def gaussian_init(
@@ -79,6 +85,64 @@ def cholesky_log_probs(x: torch.Tensor, means: torch.Tensor, scale_tril: torch.T
     log_det = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1, keepdim=True)  # (B..., S, 1)
     log_probs = -0.5 * (whitened**2).sum(-2) - log_det - 0.5 * D * math.log(2 * math.pi)  # (B..., S, P)
     return log_probs.transpose(-1, -2).reshape(*means.shape[:-2], *lead, means.shape[-2])
+
+
+def observed_block_log_probs(
+    x: torch.Tensor, mask: torch.Tensor, means: torch.Tensor, scale_tril: torch.Tensor
+) -> torch.Tensor:
+    """:func:`cholesky_log_probs` of frames with missing values: each frame's observed
+    block under the marginal of its states' Gaussians (the block's covariance refactored),
+    one pass per pattern of observed values; 0 for a frame with none observed.
+
+    :param x: ``(..., D)`` frames, NaN where missing; ``mask`` ``(..., D)`` the observed ones.
+    :returns: ``(B..., ..., S)``.
+    """
+    lead, D = x.shape[:-1], x.shape[-1]
+    points, present = x.reshape(-1, D), mask.reshape(-1, D)
+    covariance = scale_tril @ scale_tril.transpose(-1, -2)
+    log_probs = means.new_zeros(*means.shape[:-2], points.shape[0], means.shape[-2])  # (B..., P, S)
+    patterns, which = torch.unique(present, dim=0, return_inverse=True)
+    for index, pattern in enumerate(patterns):
+        if not bool(pattern.any()):
+            continue
+        rows, dims = (which == index).nonzero().squeeze(-1), pattern.nonzero().squeeze(-1)
+        block = torch.linalg.cholesky(covariance[..., dims[:, None], dims])
+        log_probs = log_probs.index_copy(-2, rows, cholesky_log_probs(points[rows][:, dims], means[..., dims], block))
+    return log_probs.reshape(*means.shape[:-2], *lead, means.shape[-2])
+
+
+def expected_frames(
+    x: torch.Tensor, mask: torch.Tensor, means: torch.Tensor, scale_tril: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EM's E-step for the missing values of full-covariance frames: under state ``k`` the
+    missing block ``m`` of a frame given its observed block ``o`` is Gaussian with mean
+    ``mu_m + S_mo S_oo^-1 (x_o - mu_o)`` and covariance ``S_mm - S_mo S_oo^-1 S_om``.
+
+    :param x: ``(P, D)`` points, NaN where missing; ``mask`` ``(P, D)`` the observed ones;
+        ``means`` ``(..., K, D)``; ``scale_tril`` ``(..., K, D, D)``; ``weights``
+        ``(..., P, K)`` the states' responsibilities.
+    :returns: the expected points ``(..., P, K, D)`` (observed values as they are) and
+        ``sum_p w_pk Cov[x_p | x_p,o, k]`` ``(..., K, D, D)``, the scatter those
+        expectations leave out.
+    """
+    covariance = scale_tril @ scale_tril.transpose(-1, -2)
+    expected = filled(x, mask).to(means.dtype).unsqueeze(-2).expand(*means.shape[:-2], *x.shape[:1], *means.shape[-2:]).clone()
+    correction = torch.zeros_like(covariance)
+    patterns, which = torch.unique(mask, dim=0, return_inverse=True)
+    for index, pattern in enumerate(patterns):
+        if bool(pattern.all()):
+            continue
+        rows = (which == index).nonzero().squeeze(-1)
+        seen, unseen = pattern.nonzero().squeeze(-1), (~pattern).nonzero().squeeze(-1)
+        cross = covariance[..., unseen[:, None], seen]  # (..., K, m, o)
+        gain = torch.linalg.solve(covariance[..., seen[:, None], seen], cross.transpose(-1, -2)).transpose(-1, -2)
+        deviation = x[rows][:, seen].to(means.dtype).unsqueeze(-2) - means[..., seen].unsqueeze(-3)  # (..., r, K, o)
+        fill = means[..., unseen].unsqueeze(-3) + torch.einsum("...kmo,...rko->...rkm", gain, deviation)
+        expected[..., rows[:, None, None], torch.arange(means.shape[-2])[:, None], unseen] = fill
+        spread = covariance[..., unseen[:, None], unseen] - gain @ cross.transpose(-1, -2)  # (..., K, m, m)
+        mass = weights[..., rows, :].sum(-2)[..., None, None]  # (..., K, 1, 1)
+        correction[..., unseen[:, None], unseen] += mass * spread
+    return expected, correction
 
 
 class InverseWishartCholesky(dist.TorchDistribution):
@@ -201,6 +265,9 @@ class GaussianHMM(HMMFamily):
     def emission_log_probs(self, params, x):
         x = x.to(params["means"].dtype)
         if self.covariance in ("full", "tied"):
+            mask = observed(x)
+            if mask is not None:
+                return observed_block_log_probs(x, mask, params["means"], self.state_scale_tril(params))
             return cholesky_log_probs(x, params["means"], self.state_scale_tril(params))
         return gaussian_log_probs(x, params["means"], self.state_scales(params))
 
@@ -209,15 +276,20 @@ class GaussianHMM(HMMFamily):
         means (one conditional maximisation each: the EM objective still never decreases)."""
         h = self.hparams
         weights, points = em.flat_points(marginals, x.to(marginals.dtype))
+        mask = observed(points)
         if self.covariance in ("diag", "spherical"):
-            means = em.normal_mean_map(weights, points, self.state_scales(params) ** 2, h.prior_mean_scale)
-            deviations = em.squared_deviations(weights, points, means)
-            count = weights.sum(-2).unsqueeze(-1).expand_as(deviations)
+            points = filled(points, mask)
+            means = em.normal_mean_map(weights, points, self.state_scales(params) ** 2, h.prior_mean_scale, mask)
+            deviations = em.squared_deviations(weights, points, means, mask)
+            count = em.visits(weights, mask).expand_as(deviations)
             if self.covariance == "spherical":
                 count, deviations = count.sum(-1), deviations.sum(-1)
             return {"means": means, "scales": em.lognormal_scale_map(count, deviations, h.prior_log_scale).to(means.dtype)}
-        means = em.gaussian_mean_map(weights, points, self.state_scale_tril(params), h.prior_mean_scale)
-        scatter = em.scatter(weights, points, means)  # (..., K, D, D)
+        scale_tril, correction = self.state_scale_tril(params), 0.0
+        if mask is not None:  # EM over the missing values too: their expectations under each state
+            points, correction = expected_frames(points, mask, params["means"], scale_tril, weights)
+        means = em.gaussian_mean_map(weights, points, scale_tril, h.prior_mean_scale)
+        scatter = em.scatter(weights, points, means) + correction  # (..., K, D, D)
         count = weights.sum(-2)
         if self.covariance == "tied":
             scatter, count = scatter.sum(-3), count.sum(-1)

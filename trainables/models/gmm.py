@@ -13,6 +13,7 @@ from . import em
 from .base import MapModel
 from .contract import Hyperparameters, Marginals, Samples, StatePath
 from .gaussian_hmm import gaussian_init, gaussian_log_probs
+from .missing import filled, observed
 from .parts import flat_dirichlet, safe_log
 
 #: variance structure -> shape of ``scales`` as a function of (K, D)
@@ -85,11 +86,12 @@ class GaussianMixture(MapModel):
         joint = self.joint_log_probs(params, x)
         log_likelihood = joint.logsumexp(-1)
         weights = (joint - log_likelihood.unsqueeze(-1)).exp()  # (..., N, K)
-        h, points = self.hparams, x.to(weights.dtype)
+        h, mask = self.hparams, observed(x)
+        points = filled(x, mask).to(weights.dtype)
         prior = em.base(self.priors()["weights"]).concentration
-        locs = em.normal_mean_map(weights, points, self.component_scales(params["scales"]) ** 2, h.prior_loc_scale)
-        deviations = em.squared_deviations(weights, points, locs)  # (..., K, D)
-        count = weights.sum(-2).unsqueeze(-1).expand_as(deviations)
+        locs = em.normal_mean_map(weights, points, self.component_scales(params["scales"]) ** 2, h.prior_loc_scale, mask)
+        deviations = em.squared_deviations(weights, points, locs, mask)  # (..., K, D)
+        count = em.visits(weights, mask).expand_as(deviations)
         tied = {"global": (-2, -1), "component": (-1,), "dimension": (-2,), "component-dimension": ()}[h.variance]
         if tied:
             count, deviations = count.sum(tied), deviations.sum(tied)

@@ -28,6 +28,7 @@ from torch import nn
 from . import em
 from .contract import PerfectSquare
 from .hmm_base import ChainHyperparameters, HMMFamily
+from .missing import filled, observed
 from .parts import (
     bernoulli_init,
     bernoulli_log_probs,
@@ -80,7 +81,8 @@ class BernoulliChainHMM(HMMFamily):
         raise NotImplementedError
 
     def emission_log_probs(self, params, x):
-        return bernoulli_log_probs(x, self.state_emission_probs(params))
+        mask = observed(x)
+        return bernoulli_log_probs(filled(x, mask), self.state_emission_probs(params), mask)
 
     def emission_marginals(self, marginals: torch.Tensor) -> torch.Tensor:
         """Engine marginals ``(..., N, T, S)`` over the states ``emission_probs`` is indexed
@@ -92,8 +94,10 @@ class BernoulliChainHMM(HMMFamily):
         prior = em.base(self.priors()["emission_probs"])
         layout = prior.concentration1.shape  # (*E, D): the emitting states, then the keys
         weights = self.emission_marginals(marginals)  # (..., N, T, prod E)
-        ones = torch.einsum("...nts,ntd->...sd", weights, x.to(marginals.dtype))
-        visits = weights.sum((-3, -2)).unsqueeze(-1)
+        mask = observed(x)
+        ones = torch.einsum("...nts,ntd->...sd", weights, filled(x, mask).to(marginals.dtype))
+        visits = weights.sum((-3, -2)).unsqueeze(-1) if mask is None else torch.einsum(
+            "...nts,ntd->...sd", weights, mask.to(marginals.dtype))
         a, b = (concentration.reshape(-1, layout[-1]) for concentration in (prior.concentration1, prior.concentration0))
         probs = em.beta_map(ones, visits - ones, a, b)
         return {"emission_probs": probs.reshape(*probs.shape[:-2], *layout)}
@@ -135,6 +139,7 @@ class AutoregressiveHMM(BernoulliHMM):
     """
 
     family = "arhmm"
+    missing_values = False
 
     def priors(self):
         priors = super().priors()
@@ -374,6 +379,7 @@ class NeuralHMM(BernoulliHMM):
     plain (maximum-likelihood) parameters of the module."""
 
     family = "nnhmm"
+    missing_values = False
     hyperparameters = NeuralHyperparameters
 
     def __init__(self, data_dim: int, hidden_dim: int, **hparams) -> None:
