@@ -36,6 +36,11 @@ HAND_COUNTS = [
     # weights K - 1, locations K D, scales per component and dimension K D
     ("gmm", {"variance": "component-dimension"}, 3, 2, 1 + 6 + 6),
     ("gmm", {"variance": "global"}, 3, 2, 1 + 6 + 1),
+    # topologies, masked entries excluded: left-right starts in state 0 (initial: none free),
+    # rows 0 -> {0, 1}, 1 -> {1, 2}, 2 -> {2}: 1 + 1 + 0
+    ("hmm", {"topology": "left-right"}, 4, 3, 0 + 2 + 12),
+    # banded (bandwidth 1) over 4 states: rows of 2, 3, 3, 2 allowed entries; initial free
+    ("gaussian-hmm", {"topology": "banded", "bandwidth": 1}, 2, 4, 3 + 6 + 8 + 8),
 ]
 
 

@@ -29,7 +29,7 @@ class Declared(BaseModel):
         try:
             return cls.model_validate(dict(values))
         except ValidationError as error:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {error_phrase(e)}" for e in error.errors())
+            problems = "; ".join(problem_phrase(e) for e in error.errors())
             raise ValueError(f"{owner}: {problems}") from None
 
     @classmethod
@@ -41,6 +41,13 @@ class Declared(BaseModel):
 def constrained(field: FieldInfo) -> Any:
     """A field's annotation with its constraints and validators attached."""
     return Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+
+
+def problem_phrase(error: Mapping[str, Any]) -> str:
+    """``KEY: problem, got VALUE``; a check across keys (no key) is its message alone."""
+    if not error["loc"]:
+        return error["msg"].removeprefix("Value error, ")
+    return f"{'.'.join(map(str, error['loc']))}: {error_phrase(error)}"
 
 
 def error_phrase(error: Mapping[str, Any]) -> str:

@@ -6,6 +6,7 @@ their loader's signature."""
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import typing
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from trainables.data import DATASETS, load_file, named_loader
 from trainables.data.files import READERS
 from trainables.declared import is_integer, value_problem
 from trainables.models import FAMILIES
+from trainables.models.topology import load_mask
 from trainables.settings import TrainSettings
 
 from .problems import KeyPath, Problem, problems_error, raise_any, unknown
@@ -168,3 +170,43 @@ def _option_problems(options: dict[str, Any], label: str, loader: Callable[..., 
         else:
             problems += _value_problems((key,), value, hints.get(key, Any))
     return problems
+
+
+#: the keys whose values a chain's topology is checked across (it needs hidden_dim)
+TOPOLOGY_KEYS = ("hidden_dim", "topology", "bandwidth", "transition_mask")
+
+
+def inline_mask(search: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """``search`` with a fixed ``transition_mask`` file (resolved against ``base_dir``, as
+    data paths are) replaced by its K x K 0/1 lists, so trials carry the mask itself."""
+    path = search.get("transition_mask")
+    if not isinstance(path, str):
+        return search
+    try:
+        return {**search, "transition_mask": load_mask(base_dir / Path(path).expanduser())}
+    except ValueError as error:
+        raise problems_error([(("transition_mask",), str(error))]) from None
+
+
+def topology_problems(search: dict[str, Any], family: str | None) -> list[Problem]:
+    """The chain topology built for every combination of the fixed, ``grid`` and
+    ``choice`` values of :data:`TOPOLOGY_KEYS` (ranges are not enumerated): an empty row,
+    an unreachable state, a mask of the wrong shape or a topology on a family without a
+    single chain is reported at ``topology``."""
+    declared = FAMILIES[family].hyperparameters if family is not None else None
+    if declared is None or "topology" not in declared.model_fields:
+        return []
+    choices = {}
+    for key in TOPOLOGY_KEYS:
+        spec = search.get(key)
+        form = search_form(spec)
+        if form in ("grid", "choice"):
+            choices[key] = spec[form]
+        elif form is None and key in search:
+            choices[key] = [spec]
+    for values in itertools.product(*choices.values()):
+        try:
+            declared.build(family, dict(zip(choices, values)))
+        except ValueError as error:
+            return [(("topology",), str(error))]
+    return []

@@ -13,7 +13,7 @@ from trainables.declared import STRICT, error_phrase
 from trainables.models import FAMILIES, MapModel
 from trainables.settings import TrainSettings
 
-from .checks import method_problems, resolve_data, search_problems
+from .checks import inline_mask, method_problems, resolve_data, search_problems, topology_problems
 from .problems import PROBLEMS_ERROR, KeyPath, Problem, SweepFileError, problems_error, raise_any, unknown
 from .reading import apply_overrides, read_yaml
 from .space import search_form
@@ -130,6 +130,8 @@ class SweepSpec(_Section):
     @classmethod
     def _check_search(cls, search: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         raise_any(search_problems(search, info.data.get("model"), info.data.get("train")))
+        search = inline_mask(search, Path((info.context or {}).get("base_dir", ".")))
+        raise_any(topology_problems(search, info.data.get("model")))
         return search
 
     @field_validator("restarts")

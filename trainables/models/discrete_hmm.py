@@ -18,7 +18,7 @@ from ..inference import frame_mask
 from . import em
 from .hmm_base import ChainHyperparameters, HMMFamily
 from .missing import filled, observed
-from .parts import flat_dirichlet, safe_log, sticky_simplex, uniform_simplex
+from .parts import flat_dirichlet, safe_log, uniform_simplex
 
 
 class CategoricalHyperparameters(ChainHyperparameters):
@@ -50,8 +50,7 @@ class CategoricalHMM(HMMFamily):
             frequency = x.cpu()[frame_mask(lengths.cpu(), x.shape[1])].mean(0)
             emission = 0.5 * emission + 0.5 * frequency
         return {
-            "initial": uniform_simplex((K,), generator),
-            "transition": sticky_simplex((K, K), generator),
+            **self.chain_init(generator),
             "emission_probs": emission,
         }
 
@@ -100,8 +99,7 @@ class PoissonHMM(HMMFamily):
         spread = 0.5 + torch.rand((K, D), generator=generator)
         mean = x.cpu()[frame_mask(lengths.cpu(), x.shape[1])].mean(0).clamp_min(0.1) if x is not None else torch.ones(D)
         return {
-            "initial": uniform_simplex((K,), generator),
-            "transition": sticky_simplex((K, K), generator),
+            **self.chain_init(generator),
             "rates": mean * spread,
         }
 

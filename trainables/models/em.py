@@ -44,15 +44,19 @@ def floors(concentration: torch.Tensor, size: int, like: torch.Tensor) -> torch.
     return torch.where(concentration < 1, cut, torch.finfo(like.dtype).tiny).to(like.dtype)
 
 
-def dirichlet_map(counts: torch.Tensor, concentration: torch.Tensor) -> torch.Tensor:
+def dirichlet_map(counts: torch.Tensor, concentration: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Probabilities ``(..., K)`` maximising ``sum_k w_k log p_k``, ``w = counts +
     concentration - 1``, over the simplex cut at :func:`floors` ``f``: ``f_k`` where
     ``w_k <= 0``, else ``max(f_k, w_k / lambda)`` with ``lambda`` making them sum to 1
     (water-filling, at most K rounds); a row without a positive weight gives its mass to
     its largest weight's entry. With flat priors (concentration 1) this is hmmlearn's
-    ``max(counts, 0)`` normalised."""
+    ``max(counts, 0)`` normalised. Where ``allowed`` (bool, broadcastable) is False
+    the probability is exactly 0 (a constrained topology's structural zeros)."""
     weight = counts + concentration - 1
     floor = floors(concentration, weight.size(-1), weight).expand_as(weight)
+    if allowed is not None:
+        floor = torch.where(allowed, floor, 0.0)
+        weight = torch.where(allowed, weight, -torch.inf)
     none = ~(weight > 0).any(-1, keepdim=True)
     largest = torch.nn.functional.one_hot(weight.argmax(-1), weight.size(-1)).bool()
     weight = torch.where(none, largest.to(weight.dtype), weight)

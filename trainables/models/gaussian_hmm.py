@@ -29,7 +29,6 @@ from ..inference import compiled_on, frame_mask
 from . import em
 from .hmm_base import ChainHyperparameters, HMMFamily
 from .missing import filled, observed
-from .parts import sticky_simplex, uniform_simplex
 
 
 def gaussian_log_probs(x: torch.Tensor, means: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -233,7 +232,7 @@ class GaussianHMM(HMMFamily):
         else:
             points = x[frame_mask(lengths, x.shape[1])]
             means, scales = gaussian_init(K, points, generator)
-        params = {"initial": uniform_simplex((K,), generator), "transition": sticky_simplex((K, K), generator), "means": means}
+        params = {**self.chain_init(generator), "means": means}
         if self.covariance == "diag":
             params["scales"] = scales
         elif self.covariance == "spherical":

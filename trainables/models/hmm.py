@@ -49,7 +49,15 @@ class BernoulliHyperparameters(ChainHyperparameters):
 class TwoChainHyperparameters(BernoulliHyperparameters):
     """``hidden_dim`` is the size of the product space of two chains: a perfect square."""
 
+    single_chain = False  # two chains on a product space: no topology
+
     hidden_dim: PerfectSquare = Field(16, description="states of the product space of two sqrt(K)-state chains")
+
+
+class SecondOrderHyperparameters(BernoulliHyperparameters):
+    """``hmm2``'s: the chain runs on state pairs, so no topology."""
+
+    single_chain = False
 
 
 class NeuralHyperparameters(BernoulliHyperparameters):
@@ -122,8 +130,7 @@ class BernoulliHMM(BernoulliChainHMM):
     def init_parameters(self, x, lengths, generator):
         K, D = self.hidden_dim, self.data_dim
         return {
-            "initial": uniform_simplex((K,), generator),
-            "transition": sticky_simplex((K, K), generator),
+            **self.chain_init(generator),
             "emission_probs": bernoulli_init((K, D), x, lengths, generator),
         }
 
@@ -303,6 +310,7 @@ class SecondOrderHMM(BernoulliChainHMM):
 
     family = "hmm2"
     state_space = "(z[t-1],z[t]) state pairs"
+    hyperparameters = SecondOrderHyperparameters
 
     def priors(self):
         K, D = self.hidden_dim, self.data_dim

@@ -8,24 +8,68 @@ decoding, posteriors and sampling all go through the same engine.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .. import inference
 from . import em
 from .base import MapModel
 from .contract import Hyperparameters, Marginals, Samples, StatePath
-from .parts import flat_dirichlet, safe_log, sticky_dirichlet
+from .parts import flat_dirichlet, safe_log, sticky_dirichlet, sticky_simplex, uniform_simplex
+from .topology import MaskedDirichlet, chain_masks, load_mask
 
 
 class ChainHyperparameters(Hyperparameters):
-    """The chain priors every HMM family shares."""
+    """The chain priors every HMM family shares, and the chain's topology (its structural
+    zeros, :mod:`.topology`). A ``transition_mask`` given as a file path is read at
+    validation, so the validated value (hence ``config``, checkpoints and ``/v1/model``)
+    holds the K x K 0/1 lists themselves."""
+
+    #: whether the family's chain is the single ``initial`` / ``transition`` a topology constrains
+    single_chain: ClassVar[bool] = True
 
     prior_sticky: float = Field(0.9, gt=0, description="extra Dirichlet weight on staying in a state")
     prior_smooth: float = Field(0.1, gt=0, description="Dirichlet weight on every transition")
     prior_initial: float = Field(1.0, gt=0, description="flat Dirichlet weight of initial distributions")
+    topology: Literal["ergodic", "left-right", "banded"] = Field(
+        "ergodic",
+        description="allowed transitions: any (ergodic); j - i in [0, bandwidth] starting in state 0 "
+        "(left-right); |j - i| <= bandwidth (banded); the others are exactly 0",
+    )
+    bandwidth: int = Field(
+        1, ge=1, description="widest allowed step of left-right and banded (hidden_dim - 1 or more: any); ergodic ignores it"
+    )
+    transition_mask: str | list[list[Literal[0, 1]]] | None = Field(
+        None,
+        description="K x K 0/1 allowed transitions (a .npy, .txt or .csv file, read at validation); "
+        "replaces topology, any first state",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_mask_file(cls, values: Any) -> Any:
+        if isinstance(values, dict) and isinstance(values.get("transition_mask"), str):
+            return {**values, "transition_mask": load_mask(values["transition_mask"])}
+        return values
+
+    @model_validator(mode="after")
+    def _check_topology(self) -> ChainHyperparameters:
+        constrained = self.topology != "ergodic" or self.transition_mask is not None
+        if constrained and not self.single_chain:
+            raise ValueError(
+                "topology and transition_mask constrain a single initial/transition chain; "
+                "this family's chain is a product or second-order chain: leave topology ergodic"
+            )
+        self.chain_masks()
+        return self
+
+    def chain_masks(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The allowed first states ``(K,)`` and transitions ``(K, K)`` (bool), ``None``
+        for an ergodic chain (:func:`.topology.chain_masks`)."""
+        return chain_masks(self.topology, self.bandwidth, self.transition_mask, self.hidden_dim)
 
 
 class HMMFamily(MapModel):
@@ -43,15 +87,41 @@ class HMMFamily(MapModel):
     state_space: ClassVar[str] = "states"
 
     def _transition_prior(self, num_states: int, *batch: int):
-        """Sticky Dirichlet on the rows of ``(*batch, K, K)`` transition probabilities."""
+        """Sticky Dirichlet on the rows of ``(*batch, K, K)`` transition probabilities,
+        over the allowed entries of a constrained topology (:class:`.topology.MaskedDirichlet`)."""
         prior = sticky_dirichlet(
             num_states, self.hparams.prior_sticky, self.hparams.prior_smooth, self._anchor
         )
+        masks = self._masks()
+        if masks is not None:
+            prior = MaskedDirichlet(em.base(prior).concentration, masks[1]).to_event(1)
         return prior.expand_by(batch).to_event(len(batch)) if batch else prior
 
     def _initial_prior(self, *shape: int):
-        """Flat ``Dirichlet(prior_initial)`` on initial distributions of ``shape``."""
-        return flat_dirichlet(shape, self.hparams.prior_initial, self._anchor)
+        """Flat ``Dirichlet(prior_initial)`` on initial distributions of ``shape``, over
+        the allowed first states of a constrained topology."""
+        prior = flat_dirichlet(shape, self.hparams.prior_initial, self._anchor)
+        masks = self._masks()
+        if masks is not None and not bool(masks[0].all()):
+            prior = MaskedDirichlet(em.base(prior).concentration, masks[0])
+        return prior
+
+    def _masks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The chain's allowed first states ``(K,)`` and transitions ``(K, K)`` as bool
+        tensors on the priors' device, ``None`` for an ergodic chain."""
+        masks = self.hparams.chain_masks()
+        return None if masks is None else tuple(torch.as_tensor(m, device=self._anchor.device) for m in masks)
+
+    def chain_init(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """A random ``initial`` ``(K,)`` (uniform on the simplex) and ``transition``
+        ``(K, K)`` (leaning towards staying), renormalised over the allowed entries of a
+        constrained topology."""
+        K = self.hidden_dim
+        params = {"initial": uniform_simplex((K,), generator), "transition": sticky_simplex((K, K), generator)}
+        masks = self.hparams.chain_masks()
+        if masks is None:
+            return params
+        return {name: _renormalised(params[name], torch.from_numpy(mask)) for name, mask in zip(params, masks)}
 
     # Hooks for the families. ``params`` may carry leading batch dims (...).
     def chain_factors(self, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +183,9 @@ class HMMFamily(MapModel):
 
     def dirichlet_update(self, name: str, counts: torch.Tensor) -> torch.Tensor:
         """:func:`em.dirichlet_map` of parameter ``name`` under its own prior."""
-        return em.dirichlet_map(counts, em.base(self.priors()[name]).concentration)
+        prior = em.base(self.priors()[name])
+        allowed = prior.allowed if isinstance(prior, MaskedDirichlet) else None
+        return em.dirichlet_map(counts, prior.concentration, allowed)
 
     def emission_m_step(
         self, params: dict[str, torch.Tensor], x: torch.Tensor, lengths: torch.Tensor, marginals: torch.Tensor
@@ -171,3 +243,9 @@ class HMMFamily(MapModel):
         states = inference.sample_states(log_init, log_trans, num_sequences, length, generator)
         x = self.sample_emissions(params, states, generator)
         return Samples(x, self.output_states(states))
+
+
+def _renormalised(probs: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``probs`` ``(..., K)`` zeroed where ``allowed`` is False and renormalised."""
+    kept = probs * allowed
+    return kept / kept.sum(-1, keepdim=True)
