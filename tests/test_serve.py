@@ -65,6 +65,13 @@ FAMILIES = {
 }
 
 
+# each Serve replica asks for one CPU (cluster.serving): a replica per family, plus the
+# module's "guarded" app and one test's own app at a time ("built", "swap", "patient"),
+# plus the second replica a hot swap starts beside the first; a replica Ray cannot place
+# makes serve.run wait for ever
+REPLICA_CPUS = len(FAMILIES) + 3
+
+
 def trained_checkpoint(directory: Path, family: str, seed: int = 0, epochs: int = 2) -> Path:
     data_name, hparams = FAMILIES[family]
     data = load_dataset(data_name, num_sequences=30, seed=seed)
@@ -91,7 +98,7 @@ def server(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         for name, value in PROXY_ENV.items():
             patch.setenv(name, value)
-        ray.init(num_cpus=8, include_dashboard=False, configure_logging=False)
+        ray.init(num_cpus=REPLICA_CPUS, include_dashboard=False, configure_logging=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     checkpoints = {}
