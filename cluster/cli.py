@@ -15,11 +15,12 @@ import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from trainables.engines import ENGINE_ENV, ENGINES
 
 from .console import log_file, print_table, quiet_environment, setup_logging
+from .data_arguments import add_data_arguments, data_options
 from .home import tracking_uri
 from .local_ray import prepare_local_ray
 
@@ -38,13 +39,14 @@ def cmd_data_list(args: argparse.Namespace) -> None:
     from trainables.data import DATASETS
 
     print_table([{"name": k, "description": v} for k, v in DATASETS.items()], ["name", "description"])
-    print("\nuser files: pass a path ending in .npz ({split}_x, {split}_len) or .pkl (JSB pickle)")
+    print("\nuser files: pass a path ending in .npz ({split}_x, {split}_len), .pkl (JSB pickle),"
+          " or .csv / .parquet (a table, one row per frame: see `pyrosweep data prepare --help`)")
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
     from trainables.data import dataset_summary, load_argument
 
-    dataset = load_argument(args.name, max_chorales=args.max_chorales)
+    dataset = load_argument(args.name, **data_options(args))
     rows = dataset_summary(dataset)
     columns = ["split", *[c for c in rows[0] if c != "split"]]
     print(f"{dataset.name}: {dataset.data_dim} values per frame")
@@ -216,7 +218,7 @@ def cmd_query(args: argparse.Namespace) -> None:
 
     if args.method not in METHODS:
         raise ValueError(f"unknown method {args.method!r}; expected one of {', '.join(METHODS)}")
-    body = _read_query_input(args.input)
+    body = _read_query_input(args.input, data_options(args))
     url = f"{args.url.rstrip('/')}/v1/{args.method}"
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
@@ -232,17 +234,31 @@ def cmd_query(args: argparse.Namespace) -> None:
         raise RuntimeError(f"{url} answered something that is not a {args.method} answer: {error}") from None
 
 
-def _read_query_input(path: str) -> dict:
-    """A request body from a JSON file, or an npz with ``x`` ``(N, T, D)`` and ``lengths``
-    ``(N,)`` (``sequences``) or ``x`` ``(N, D)`` alone (``points``)."""
-    if path.endswith(".npz"):
+def _json_values(frames) -> list:
+    """``frames`` ``(T, D)`` (numpy) as JSON lists, NaN (missing) as null."""
+    return [[None if value != value else value for value in frame] for frame in frames.tolist()]
+
+
+def _read_query_input(path: str, options: dict[str, Any]) -> dict:
+    """A request body from a JSON file; an npz with ``x`` ``(N, T, D)`` and ``lengths``
+    ``(N,)`` (``sequences``) or ``x`` ``(N, D)`` alone (``points``); or a table (CSV,
+    Parquet: every sequence of it, read with the data flags' ``options``). NaN is null."""
+    from trainables.data.tables import TABLE_SUFFIXES, read_table_inputs
+
+    suffix = Path(path).suffix.lower()
+    if suffix in TABLE_SUFFIXES:
+        inputs = read_table_inputs(Path(path), path, **options)
+        if isinstance(inputs, list):
+            return {"sequences": [_json_values(frames) for frames in inputs]}
+        return {"points": _json_values(inputs)}
+    if suffix == ".npz":
         import numpy as np
 
         with np.load(path) as arrays:
             if "lengths" not in arrays:
-                return {"points": arrays["x"].tolist()}
+                return {"points": _json_values(arrays["x"])}
             x, lengths = arrays["x"], arrays["lengths"]
-        return {"sequences": [x[n, : int(length)].tolist() for n, length in enumerate(lengths)]}
+        return {"sequences": [_json_values(x[n, : int(length)]) for n, length in enumerate(lengths)]}
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -268,8 +284,8 @@ def build_parser(tokens: Sequence[str] = ()) -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True)
     data_commands.add_parser("list", help="the built-in data sets").set_defaults(run=cmd_data_list)
     prepare = data_commands.add_parser("prepare", help="load (and cache) a data set, print its splits")
-    prepare.add_argument("name", help="data set name or file path")
-    prepare.add_argument("--max-chorales", type=int, default=None)
+    prepare.add_argument("name", help="data set name or file path (.npz, .pkl, .csv, .parquet)")
+    add_data_arguments(prepare)
     prepare.set_defaults(run=cmd_data_prepare)
 
     from .train_command import add_train_arguments, cmd_train
@@ -361,8 +377,10 @@ def build_parser(tokens: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     query.add_argument("method", choices=METHODS)
     query.add_argument("--url", default="http://127.0.0.1:8000")
-    query.add_argument("--input", required=True, help="JSON body, or .npz with x (N, T, D) and lengths (N,) (points: x (N, D) alone)")
+    query.add_argument("--input", required=True, help="JSON body, .npz with x (N, T, D) and lengths (N,) "
+                       "(points: x (N, D) alone), or a table (.csv, .parquet: every sequence in it)")
     query.add_argument("--timeout", type=float, default=60.0)
+    add_data_arguments(query, built_in=False, splits=False)
     query.set_defaults(run=cmd_query)
 
     demo = commands.add_parser("demo", help="the whole loop on embedded defaults: sweep, promote, serve, query")

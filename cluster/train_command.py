@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic.fields import FieldInfo
 
 from .console import print_table
+from .data_arguments import add_data_arguments, data_options
 from .home import project_home
 
 MODEL_FLAGS = "model hyperparameters (those of the --model family; see the list below)"
@@ -59,8 +60,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, with_families: bool) ->
     (building them imports every model: seconds that other commands should not pay)."""
     parser.add_argument("--model", default="hmm", help="model family")
     parser.add_argument("--data", default="jsb", help="data set name or file path")
-    parser.add_argument("--max-chorales", type=int, default=None, help="jsb: parse only this many files")
     parser.add_argument("--out", default=None, help="checkpoint directory")
+    add_data_arguments(parser)
     if not with_families:
         return
     from trainables.models import FAMILIES
@@ -104,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ValueError(f"{flags}: not a hyperparameter of {args.model} (its own: {', '.join(declaration.model_fields)})")
     hparams = declaration.build(args.model, _given(args, declaration.model_fields)).model_dump()
     config = TrainConfig.build("pyrosweep train", _given(args, TrainConfig.model_fields))
-    dataset = load_argument(args.data, max_chorales=args.max_chorales)
+    dataset = load_argument(args.data, **data_options(args))
     model = family_class(args.model)(dataset.data_dim, **hparams)
     shown = ", ".join(f"{key}={value}" for key, value in _given(args, declaration.model_fields).items())
     path = engine_path(model, dataset.splits["train"], resolve_device(config.device))

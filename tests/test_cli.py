@@ -26,7 +26,7 @@ def test_data_list_and_prepare(tmp_path):
     prepared = pyrosweep("data", "prepare", "synthetic-hmm", home=tmp_path)
     assert prepared.returncode == 0, prepared.stderr
     lines = prepared.stdout.splitlines()
-    assert lines[1].split() == ["split", "sequences", "frames", "max_length", "notes_per_frame"]
+    assert lines[1].split() == ["split", "sequences", "frames", "max_length", "notes_per_frame", "missing"]
     assert [line.split()[0] for line in lines[2:5]] == ["train", "valid", "test"]
 
 

@@ -195,6 +195,23 @@ def test_npz_allows_nan_in_padding(tmp_path: Path) -> None:
     assert (load_file(path).splits["train"].x[0, 2:] == 0).all()
 
 
+def test_npz_nan_values_are_missing(tmp_path: Path) -> None:
+    """NaN in real frames loads as is (missing, integrated out by the model); the summary
+    says which fraction of the real values it is and leaves them out of the frame sums."""
+    arrays = valid_arrays()
+    arrays["train_len"][:2] = 5
+    arrays["train_x"][1, 0, 2] = np.nan
+    arrays["train_x"][0, 1] = np.nan  # a whole frame
+    path = tmp_path / "gaps.npz"
+    np.savez(path, **arrays)
+    train = load_file(path).splits["train"]
+    assert torch.isnan(train.x[1, 0, 2]) and torch.isnan(train.x[0, 1]).all()
+    row = dataset_summary(load_file(path))[0]
+    real = [arrays["train_x"][n, :length] for n, length in enumerate(arrays["train_len"])]
+    assert row["missing"] == pytest.approx(4 / sum(frames.size for frames in real), rel=1e-6)
+    assert row["notes_per_frame"] == pytest.approx(sum(np.nansum(f) for f in real) / arrays["train_len"].sum(), rel=1e-5)
+
+
 def test_pickle_round_trip(tmp_path: Path) -> None:
     path = write_pickle(tmp_path / "chorales.pkl", chorale_pickle())
     dataset = load_file(path)
@@ -233,9 +250,9 @@ def _pickle_with(split: str, sequences: object):
     return write
 
 
-def _nan_frame() -> np.ndarray:
+def _inf_frame() -> np.ndarray:
     x = valid_arrays()["train_x"].copy()
-    x[1, 0, 2] = np.nan
+    x[1, 0, 2] = -np.inf
     return x
 
 
@@ -256,7 +273,7 @@ def _bytes(content: bytes):
 # case: (file name, writer of the file or None, expected part of the message)
 BAD_FILES = {
     "missing file": ("gone.npz", None, "no such file"),
-    "unknown suffix": ("data.csv", _bytes(b"1,2,3\n"), "unknown file type '.csv'"),
+    "unknown suffix": ("data.txt", _bytes(b"1,2,3\n"), "unknown file type '.txt'"),
     "no suffix": ("data", _bytes(b"1,2,3\n"), "unknown file type"),
     "not an archive": ("data.npz", _bytes(b"hello"), "not a readable .npz"),
     "single array": ("data.npz", _bytes(_npy_bytes(np.zeros(3))), "holds a single array"),
@@ -278,7 +295,7 @@ BAD_FILES = {
         "test_len has dtype float64",
     ),
     "text values": ("data.npz", _npz(test_x=np.full((2, 5, 3), "a")), "test_x has dtype <U1"),
-    "NaN": ("data.npz", _npz(train_x=_nan_frame()), "train_x[1, 0, 2] is nan"),
+    "infinity": ("data.npz", _npz(train_x=_inf_frame()), "train_x[1, 0, 2] is -inf, expected a finite number or NaN (missing)"),
     "length 0": ("data.npz", _npz(test_len=np.array([3, 0])), "test_len[1] is 0"),
     "length > T": (
         "data.npz",
@@ -395,10 +412,11 @@ def test_dataset_summary(tmp_path: Path) -> None:
         "frames": 4,
         "max_length": 3,
         "notes_per_frame": (3 + 1 + 0 + 2) / 4,
+        "missing": 0.0,
     }
     points = validate_split(np.ones((5, 2)), None, "mem", "train")
     rows = dataset_summary(Dataset(name="mem", splits=dict.fromkeys(SPLITS, points), data_dim=2))
-    assert rows[1] == {"split": "valid", "points": 5, "frames": 5}
+    assert rows[1] == {"split": "valid", "points": 5, "frames": 5, "missing": 0.0}
 
 
 # registry
@@ -413,6 +431,8 @@ def test_load_dataset_by_name_and_path(cache: Path, tmp_path: Path) -> None:
     assert_datasets_equal(load_dataset("jsb", max_chorales=SMALL), load_jsb(max_chorales=SMALL))
     path = write_pickle(tmp_path / "chorales.pkl", chorale_pickle())
     assert_datasets_equal(load_dataset(path=str(path)), load_file(path))
+    with pytest.raises(DataError, match=r"chorales.pkl: unknown option\(s\) seed; valid options: none"):
+        load_dataset(path=path, seed=1)
 
 
 @pytest.mark.parametrize(
@@ -424,7 +444,7 @@ def test_load_dataset_by_name_and_path(cache: Path, tmp_path: Path) -> None:
             {"name": "jsb", "max_files": 3},
             "jsb: unknown option(s) max_files; valid options: max_chorales",
         ),
-        ({"path": "x.npz", "seed": 1}, "x.npz: unknown option(s) seed; valid options: none"),
+        ({"path": "x.npz", "seed": 1}, "x.npz: no such file"),
         ({}, "give exactly one of a data set name (jsb, synthetic-hmm"),
         ({"name": "jsb", "path": "x.npz"}, "give exactly one of"),
     ],

@@ -589,6 +589,15 @@ def test_pyrosweep_serve_exits_cleanly_on_sigterm(tmp_path):
         )
         assert query.returncode == 0, query.stderr
         assert len(json.loads(query.stdout)["states"]) == 2
+        table = tmp_path / "points.csv"
+        table.write_text("x,y\n0.0,1.0\n,-1.0\n")  # a gap: missing, integrated out
+        query = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "query", "score", "--url", f"http://127.0.0.1:{port}",
+             "--input", str(table), "--points"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert query.returncode == 0, query.stderr
+        assert json.loads(query.stdout)["observed_values"] == [2, 1]
         body.write_text(json.dumps({"points": [[0.0]]}))
         refused = subprocess.run(
             [sys.executable, "-m", "cluster.cli", "query", "score", "--url", f"http://127.0.0.1:{port}", "--input", str(body)],

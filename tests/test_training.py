@@ -128,12 +128,12 @@ def test_non_finite_loss_is_an_error_that_says_where():
     data = small_hmm_data()
     train_split = data.splits["train"]
     poisoned = train_split.x.clone()
-    poisoned[0, 0, 0] = math.nan  # load-time checks would refuse this; train() must too
+    poisoned[0, 0, 0] = math.inf  # load-time checks would refuse this; train() must too
     bad = Dataset("poisoned", {**data.splits, "train": Split(poisoned, train_split.lengths)}, data.data_dim)
-    with pytest.raises(ValueError, match=r"dmm: the train split's x\[0, 0, 0\] is nan; expected 0 or 1"):
+    with pytest.raises(ValueError, match=r"dmm: the train split's x\[0, 0, 0\] is inf; expected 0 or 1"):
         train(small_dmm(data), bad, TrainConfig(epochs=1, batch_size=100))
     trainer = Trainer(small_dmm(data), data, TrainConfig(epochs=1, batch_size=100))
-    trainer.splits["train"].x[0, 0, 0] = math.nan  # past the checks: the loss itself says where
+    trainer.splits["train"].x[0, 0, 0] = math.inf  # past the checks: the loss itself says where
     with pytest.raises(FloatingPointError, match="non-finite training loss .* epoch 1, batch 0"):
         trainer.run_epoch()
 

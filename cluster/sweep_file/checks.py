@@ -10,12 +10,11 @@ import itertools
 import math
 import typing
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-from trainables.data import DATASETS, load_file, named_loader
-from trainables.data.files import READERS
+from trainables.data import DATASETS, named_loader
+from trainables.data.files import READERS, file_reader
 from trainables.declared import is_integer, value_problem
 from trainables.models import FAMILIES
 from trainables.models.topology import load_mask
@@ -139,7 +138,7 @@ def resolve_data(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         resolved, label, loader = {"name": name}, name, named_loader(name)
     else:
         path = _resolve_path(data["path"], base_dir)
-        resolved, label, loader = {"path": str(path)}, "a data file", partial(load_file, path)
+        resolved, label, loader = {"path": str(path)}, f"a {path.suffix.lower()} file", file_reader(path)
     raise_any(_option_problems(options, label, loader))
     return {**resolved, **options}
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .base import SPLITS, DataError, Dataset, Split, sequences_to_split, validate_split
-from .files import load_file
+from .files import file_reader, load_file
 from .jsb import load_jsb
 
 __all__ = [
@@ -83,8 +83,9 @@ def load_dataset(
     ``path`` (see :func:`load_file`); give exactly one.
 
     :param options: keyword options of the named loader, e.g. ``max_chorales`` for
-        ``jsb`` or ``num_sequences``, ``length``, ``seed`` for ``synthetic-*``; files
-        take none.
+        ``jsb`` or ``num_sequences``, ``length``, ``seed`` for ``synthetic-*``; of a
+        table file ``sequence``, ``order``, ``features``, ``split``, ``seed``; other
+        files take none.
     :raises DataError: for both or neither of ``name`` and ``path``, an unknown name or
         option (listing the valid ones), or bad data.
     """
@@ -93,34 +94,38 @@ def load_dataset(
             f"give exactly one of a data set name ({', '.join(DATASETS)}) or a file path"
         )
     if path is not None:
-        source, loader = str(path), partial(load_file, path)
+        source, loader, takes = str(path), partial(load_file, path), file_reader(path)
     else:
         source, loader = name, named_loader(name)
-    _check_options(source, loader, options)
+        takes = loader
+    _check_options(source, takes, options)
     return loader(**options)
 
 
 def load_argument(name_or_path: str, **options: Any) -> Dataset:
-    """A data set as the command line names it: a file path (it has a suffix, and takes no
-    options) or a built-in data set's name with ``options`` (``None`` values left out)."""
+    """A data set as the command line names it, with the ``options`` it was given: a file
+    path (it has a suffix; a table's columns and split) or a built-in data set's name."""
     if Path(name_or_path).suffix:
-        return load_dataset(path=name_or_path)
-    return load_dataset(name_or_path, **{key: value for key, value in options.items() if value is not None})
+        return load_dataset(path=name_or_path, **options)
+    return load_dataset(name_or_path, **options)
 
 
 def _split_summary(split_name: str, split: Split) -> dict[str, str | int | float]:
     num_rows = split.x.size(0)
     if split.lengths is None:
-        return {"split": split_name, "points": num_rows, "frames": num_rows}
-    real = torch.arange(split.x.size(1)) < split.lengths.unsqueeze(-1)
-    frames = int(split.lengths.sum())
-    return {
-        "split": split_name,
-        "sequences": num_rows,
-        "frames": frames,
-        "max_length": int(split.lengths.max()),
-        "notes_per_frame": float(split.x[real].sum()) / frames,
-    }
+        values = split.x
+        row: dict[str, str | int | float] = {"split": split_name, "points": num_rows, "frames": num_rows}
+    else:
+        values = split.x[torch.arange(split.x.size(1)) < split.lengths.unsqueeze(-1)]  # (frames, D)
+        frames = int(split.lengths.sum())
+        row = {
+            "split": split_name,
+            "sequences": num_rows,
+            "frames": frames,
+            "max_length": int(split.lengths.max()),
+            "notes_per_frame": float(values.nansum()) / frames,
+        }
+    return {**row, "missing": float(values.isnan().float().mean())}
 
 
 def dataset_summary(dataset: Dataset) -> list[dict[str, str | int | float]]:
@@ -129,6 +134,7 @@ def dataset_summary(dataset: Dataset) -> list[dict[str, str | int | float]]:
     Sequence splits: ``split``, ``sequences``, ``frames`` (sum of lengths), ``max_length``
     and ``notes_per_frame``, the mean over real frames of the sum of ``x`` over ``D``
     (the number of keys down for binary piano rolls; just the mean frame sum for other
-    data). Point splits: ``split``, ``points`` and ``frames`` (= points).
+    data; missing values left out). Point splits: ``split``, ``points`` and ``frames``
+    (= points). Both end with ``missing``, the fraction of real values that are NaN.
     """
     return [_split_summary(name, dataset.splits[name]) for name in SPLITS]

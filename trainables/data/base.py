@@ -3,7 +3,8 @@
 A split of sequence data is a padded float32 tensor ``x`` ``(N, T, D)`` with int64
 ``lengths`` ``(N,)``: frame ``t`` of sequence ``n`` is real when ``t < lengths[n]`` and
 padding otherwise, and padding is stored as zeros. A split of point data (mixtures) is
-``x`` ``(N, D)`` with ``lengths`` ``None``. Bad data fails here, at load time, with a
+``x`` ``(N, D)`` with ``lengths`` ``None``. NaN is a missing value (trainables.models.missing).
+Bad data fails here, at load time, with a
 :class:`DataError` whose message names the source (a file path or a data set name), the
 split and the problem.
 """
@@ -71,12 +72,13 @@ def _as_tensor(array: np.ndarray | torch.Tensor, name: str, kinds: str, what: st
 
 
 def _check_finite(x: torch.Tensor, mask: torch.Tensor, name: str) -> None:
-    """Raise naming the first non-finite value of ``x`` among the entries where ``mask``."""
-    bad = ~torch.isfinite(x) & mask
+    """Raise naming the first infinite value of ``x`` among the entries where ``mask``
+    (NaN is a missing value, integrated out by the families that take them)."""
+    bad = torch.isinf(x) & mask
     if bad.any():
         index = tuple(int(i) for i in bad.nonzero()[0])
         where = ", ".join(map(str, index))
-        raise DataError(f"{name}[{where}] is {float(x[index])}, expected a finite number")
+        raise DataError(f"{name}[{where}] is {float(x[index])}, expected a finite number or NaN (missing)")
 
 
 def _empty_split(source: str, split: str) -> DataError:
@@ -133,7 +135,7 @@ def validate_split(
     :param split: the split name, for messages.
     :returns: a :class:`Split` with float32 ``x`` whose padded frames (``t >= length``)
         are zero and int64 ``lengths``; both are copies, never views of the input.
-    :raises DataError: for wrong shapes, non-finite values in real frames, lengths out of
+    :raises DataError: for wrong shapes, infinite values in real frames, lengths out of
         range, or an empty split; the message names ``source``, ``split`` and the problem.
     """
     x_name = f"{source}: {split}_x"

@@ -5,6 +5,8 @@
 - ``.pkl`` / ``.pickle``: the original JSB chorales format, a dict split -> list of
   sequences -> list of frames, each frame a list or tuple of the MIDI pitches (integers
   in 21..108) sounding in it; becomes 88-key piano rolls ``(N, T, 88)``.
+- ``.csv`` / ``.parquet`` / ``.pq``: a table in long format, one row per frame
+  (:mod:`trainables.data.tables`); its options name the columns and the split.
 
 Every problem raises :class:`~trainables.data.base.DataError` naming the file path.
 """
@@ -14,14 +16,17 @@ from __future__ import annotations
 import os
 import pickle
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .base import SPLITS, DataError, Dataset, Split, sequences_to_split, validate_split
 from .pianoroll import piano_roll
+from .tables import TABLE_SUFFIXES, read_table_splits
 
-__all__ = ["NPZ_KEYS", "load_file", "read_npz_splits"]
+__all__ = ["NPZ_KEYS", "READERS", "file_reader", "load_file", "read_npz_splits"]
 
 NPZ_KEYS = tuple(f"{split}_{suffix}" for split in SPLITS for suffix in ("x", "len"))
 
@@ -89,25 +94,20 @@ def _pickle_split(sequences: object, source: str, split: str) -> Split:
     return sequences_to_split(rolls, source, split)
 
 
-#: file suffix -> reader of its splits
-READERS: dict[str, Callable[[Path, str], dict[str, Split]]] = {
+#: file suffix -> reader of its splits, ``reader(path, source, **options)``
+READERS: dict[str, Callable[..., dict[str, Split]]] = {
     ".npz": read_npz_splits,
     ".pkl": _read_pickle_splits,
     ".pickle": _read_pickle_splits,
+    **dict.fromkeys(TABLE_SUFFIXES, read_table_splits),
 }
 
 
-def load_file(path: str | os.PathLike[str]) -> Dataset:
-    """Load a user data file (``.npz``, or a JSB pickle ``.pkl`` / ``.pickle``).
+def file_reader(path: str | os.PathLike[str]) -> Callable[..., dict[str, Split]]:
+    """The reader of the user file ``path`` by its suffix, bound to it: it takes only the
+    reader's options (none for ``.npz`` and pickles; columns and split for tables).
 
-    Pickles are read with :func:`pickle.load`, which can run code stored in the file: this
-    is only ever called on a path the user passes explicitly, so only pass files you trust.
-
-    :returns: a :class:`Dataset` named ``str(path)`` with splits of ``x`` ``(N, T, D)``
-        (``D = 88`` for pickles) and ``lengths`` ``(N,)``.
-    :raises DataError: for a missing file, an unknown suffix, missing arrays or splits, bad
-        shapes, non-finite values, lengths out of range, an empty split or a pitch outside
-        21..108; the message starts with the path.
+    :raises DataError: for a missing file or an unknown suffix, naming the path.
     """
     source = str(path)
     file = Path(path)
@@ -119,5 +119,21 @@ def load_file(path: str | os.PathLike[str]) -> Dataset:
             f"{source}: unknown file type {file.suffix or '(no suffix)'!r}; "
             f"expected one of {', '.join(READERS)}"
         )
-    splits = reader(file, source)
-    return Dataset(name=source, splits=splits, data_dim=splits["train"].x.size(-1))
+    return partial(reader, file, source)
+
+
+def load_file(path: str | os.PathLike[str], **options: Any) -> Dataset:
+    """Load a user data file (``.npz``, a JSB pickle ``.pkl`` / ``.pickle``, or a table
+    ``.csv`` / ``.parquet`` with the options of :func:`~trainables.data.tables.read_table_splits`).
+
+    Pickles are read with :func:`pickle.load`, which can run code stored in the file: this
+    is only ever called on a path the user passes explicitly, so only pass files you trust.
+
+    :returns: a :class:`Dataset` named ``str(path)`` with splits of ``x`` ``(N, T, D)``
+        (``D = 88`` for pickles) and ``lengths`` ``(N,)`` (tables of points: ``(N, D)``).
+    :raises DataError: for a missing file, an unknown suffix, missing arrays, splits or
+        columns, bad shapes, infinite values, lengths out of range, an empty split, a pitch
+        outside 21..108, or a table's duplicate frames; the message starts with the path.
+    """
+    splits = file_reader(path)(**options)
+    return Dataset(name=str(path), splits=splits, data_dim=splits["train"].x.size(-1))
