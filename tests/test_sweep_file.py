@@ -4,6 +4,8 @@ every problem's key path in the message."""
 from __future__ import annotations
 
 import math
+import runpy
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,11 @@ EXPECTED_CONFIGS = {
         {"hidden_dim": lambda d: d == {"grid_search": [2, 3, 4]}, "method": lambda d: d == {"grid_search": ["svi", "em"]}},
         6,
     ),
+    "readings.yaml": (
+        {"hidden_dim": lambda d: d == {"grid_search": [1, 2, 3, 4]},
+         "topology": lambda d: d == {"grid_search": ["ergodic", "left-right"]}},
+        8,
+    ),
     "gmm-synthetic.yaml": (
         {"variance": lambda d: is_choice(d, ["global", "component", "dimension", "component-dimension"])},
         4,
@@ -103,11 +110,23 @@ def test_every_config_is_covered():
     assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED_CONFIGS)
 
 
+def config_beside_its_data(file_name: str, directory: Path) -> Path:
+    """The shipped config ``file_name``, copied into ``directory`` beside the table it
+    reads when it reads one that a script of configs/ writes (readings.parquet)."""
+    path = CONFIGS / file_name
+    if file_name != "readings.yaml":
+        return path
+    from pyarrow import parquet
+
+    parquet.write_table(runpy.run_path(str(CONFIGS / "sensor_readings.py"))["readings_table"](), directory / "readings.parquet")
+    return Path(shutil.copy(path, directory))
+
+
 @pytest.mark.parametrize("file_name", sorted(EXPECTED_CONFIGS))
-def test_config_loads(file_name):
+def test_config_loads(file_name, tmp_path):
     checks, trials = EXPECTED_CONFIGS[file_name]
     path = CONFIGS / file_name
-    spec = load_sweep_file(path)
+    spec = load_sweep_file(config_beside_its_data(file_name, tmp_path))
     space = param_space(spec)
     for key, check in checks.items():
         assert check(space[key]), (key, space[key])
