@@ -21,6 +21,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from trainables.data import load_dataset
 from trainables.models import FAMILIES
+from trainables.svi import check_observations
 from trainables.trainable import TrialSetup, run_trial
 
 from . import storage as shared_storage
@@ -203,6 +204,8 @@ def run_sweep(
     resumed = _interrupted_state(spec, storage) if resume else None
     sweep_file = Path(spec.source).absolute()  # before ray.init: a Ray Job's driver changes directory
     data = load_dataset(**spec.data)
+    for split_name, split in data.splits.items():  # values the family cannot score: refused before Ray starts
+        check_observations(FAMILIES[spec.model], split, split_name)
     setup = TrialSetup(
         family=spec.model,
         data=data,

@@ -11,10 +11,12 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pa_parquet
 import pytest
+import ray
 import torch
 import yaml
 
 from cluster.cli import _read_query_input
+from cluster.sweep import run_sweep
 from cluster.sweep_file import SweepFileError, load_sweep_file
 from helpers import knock_out
 from trainables.data import SPLITS, DataError, dataset_summary, load_dataset
@@ -198,3 +200,16 @@ def test_a_query_body_from_a_table_has_every_sequence_with_nulls(readings):
     units = sorted(f"{split[:2]}{n:03d}" for split in SPLITS for n in range(len(data.splits[split].lengths)))
     sent = body["sequences"][units.index("tr000")]
     assert [[None if math.isnan(v) else v for v in frame] for frame in first.double().tolist()] == sent
+
+
+def test_gaps_a_family_cannot_take_are_refused_before_ray_starts(readings, tmp_path):
+    """arhmm conditions on the previous frame's values: a table with gaps stops the sweep
+    at its start, naming the split and the first missing value, before Ray runs."""
+    _, directory = readings
+    settings = {"name": "t", "model": "arhmm", "search": {"hidden_dim": 2},
+                "data": {"path": str(directory / "readings.parquet"), "sequence": "unit", "order": "t", "features": FEATURES}}
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(settings))
+    with pytest.raises(ValueError, match=r"arhmm: the train split's x\[\d+, \d+, \d\] is missing \(NaN\)"):
+        run_sweep(load_sweep_file(sweep), tracking=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not ray.is_initialized()

@@ -109,10 +109,11 @@ def engine_path(model, split: Split, device: torch.device) -> str | None:
     return inference.path(device, len(model.state_labels()), int(split.x.shape[1]))
 
 
-def check_observations(model: SequenceModel, split: Split, name: str) -> None:
-    """Refuse a split whose real frames the family cannot score (counts that are not
-    non-negative integers, frames that are not one-hot, missing values where the family
-    takes none, ...), naming the first place."""
+def check_observations(model: SequenceModel | type[SequenceModel], split: Split, name: str) -> None:
+    """Refuse a split whose real frames the family (a model, or its class: the check reads
+    only class attributes) cannot score (counts that are not non-negative integers,
+    frames that are not one-hot, missing values where the family takes none, ...),
+    naming the first place."""
     real = None if split.lengths is None else inference.frame_mask(split.lengths, split.x.shape[1]).cpu().numpy()
     problem = observation_problem(split.x.detach().cpu().double().numpy(), model.observation, real, model.missing_values)
     if problem is not None:

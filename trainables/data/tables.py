@@ -97,7 +97,7 @@ def _seeded_assignment(num_ids: int, seed: int, source: str, what: str) -> np.nd
     """The split index (0, 1, 2) of each of ``num_ids`` ids: a seeded 60/20/20 permutation."""
     if num_ids < len(SPLITS):
         raise DataError(
-            f"{source}: {num_ids} {what}; a seeded {'/'.join(f'{f:.0%}'.strip('%') for f in SPLIT_FRACTIONS)} "
+            f"{source}: {num_ids} {what}; a seeded {'/'.join(str(round(100 * f)) for f in SPLIT_FRACTIONS)} "
             f"split needs at least {len(SPLITS)} (or give a split column)"
         )
     sizes = [max(1, round(fraction * num_ids)) for fraction in SPLIT_FRACTIONS[1:]]
