@@ -218,7 +218,7 @@ BAD_FILES = [
     case("bad data option", "data.length", "integer", data={"name": "synthetic-hmm", "length": "long"}),
     case("name and path", "data", "exactly one of name", data={"name": "jsb", "path": "x.npz"}),
     case("missing data file", "data.path", "no such file", data={"path": "missing.npz"}),
-    case("data file type", "data.path", "unknown file type '.csv'", data={"path": "data.csv"}),
+    case("data file type", "data.path", "unknown file type '.txt'", data={"path": "data.txt"}),
     case("search key unknown to the family", "search.variance", "model hmm", search=search(variance="global")),
     case("screen under train", "train.screen", "set it as restarts.screen", train={"screen": 4}),
     case(
