@@ -45,12 +45,16 @@ def cmd_data_list(args: argparse.Namespace) -> None:
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
     from trainables.data import dataset_summary, load_argument
+    from trainables.data.pianoroll import NUM_KEYS, pitch_class_shares
 
     dataset = load_argument(args.name, **data_options(args))
     rows = dataset_summary(dataset)
     columns = ["split", *[c for c in rows[0] if c != "split"]]
     print(f"{dataset.name}: {dataset.data_dim} values per frame")
     print_table(rows, columns)
+    if dataset.data_dim == NUM_KEYS:  # piano rolls: which keys the music is in
+        shares = pitch_class_shares(dataset.splits["train"].x.numpy())
+        print("train pitch classes: " + "  ".join(f"{name} {share:.3f}" for name, share in shares.items()))
 
 
 def _log_to_file(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 #: flag destination -> the loader option it sets
 OPTION_OF = {
     "max_chorales": "max_chorales",
+    "key": "key",
     "sequence_column": "sequence",
     "order_column": "order",
     "features": "features",
@@ -24,6 +25,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, built_in: bool = True, s
     group = parser.add_argument_group("data", "how to read the data (tables: CSV or Parquet, one row per frame)")
     if built_in:
         group.add_argument("--max-chorales", type=int, default=None, help="jsb: parse only this many files")
+        group.add_argument("--key", choices=["original", "c"], default=None,
+                           help="jsb: original keys, or each chorale transposed to C major / C minor as the benchmark does")
     group.add_argument("--sequence-column", default=None, metavar="COLUMN", help="table: the sequence id column (default: sequence)")
     group.add_argument("--order-column", default=None, metavar="COLUMN", help="table: the column ordering a sequence's frames (default: order)")
     group.add_argument("--features", default=None, metavar="A,B,...", type=lambda text: text.split(","),

@@ -6,6 +6,7 @@ import io
 import pickle
 from pathlib import Path
 
+import music21
 import numpy as np
 import pytest
 import torch
@@ -22,7 +23,8 @@ from trainables.data import (
     validate_split,
 )
 from trainables.data.base import SPLITS
-from trainables.data.jsb import cache_path
+from trainables.data.jsb import cache_path, shift_to_c
+from trainables.data.pianoroll import pitch_class_shares
 
 SMALL = 12  # corpus files parsed by the fast jsb tests
 
@@ -116,6 +118,28 @@ def test_jsb_split_is_deterministic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         monkeypatch.setenv("PYROSWEEP_CACHE", str(tmp_path / directory))
         loads.append(load_jsb(max_chorales=SMALL))
     assert_datasets_equal(*loads)
+
+
+def test_jsb_in_c_is_each_chorale_moved_to_c_by_the_smallest_shift(cache: Path) -> None:
+    """``key="c"``: the same chorales in the same splits, each roll the original one moved
+    by its recorded shift (-6..+5), which takes its analysed tonic to C (checked again by
+    music21 on the transposed score)."""
+    original, in_c = load_jsb(max_chorales=SMALL), load_jsb(max_chorales=SMALL, key="c")
+    with np.load(cache_path(SMALL, "c")) as archive, np.load(cache_path(SMALL)) as plain:
+        for split in SPLITS:
+            assert list(archive[f"{split}_names"]) == list(plain[f"{split}_names"])
+            assert torch.equal(in_c.splits[split].lengths, original.splits[split].lengths)
+            for n, shift in enumerate(archive[f"{split}_shifts"].tolist()):
+                assert -6 <= shift <= 5
+                moved = torch.roll(original.splits[split].x[n], shift, dims=-1)
+                assert torch.equal(in_c.splits[split].x[n], moved)  # no key falls off the piano
+        name, shift = str(archive["train_names"][0]), int(archive["train_shifts"][0])
+    score = music21.corpus.parse(name)
+    assert shift_to_c(score.transpose(shift)) == 0
+    shares = pitch_class_shares(in_c.splits["train"].x.numpy())
+    assert max(shares, key=shares.get) in ("C", "G") and sum(shares.values()) == pytest.approx(1.0)
+    with pytest.raises(DataError, match="jsb: key must be one of original, c, got 'd'"):
+        load_jsb(max_chorales=SMALL, key="d")
 
 
 @pytest.mark.parametrize("max_chorales", [0, -3, 2.5, True])

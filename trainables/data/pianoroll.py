@@ -13,10 +13,19 @@ import numpy as np
 
 from .base import DataError
 
-__all__ = ["LOWEST_PITCH", "NUM_KEYS", "piano_roll"]
+__all__ = ["LOWEST_PITCH", "NUM_KEYS", "PITCH_CLASSES", "piano_roll", "pitch_class_shares"]
 
 LOWEST_PITCH = 21
 NUM_KEYS = 88
+PITCH_CLASSES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
+
+
+def pitch_class_shares(rolls: np.ndarray) -> dict[str, float]:
+    """The share of sounding keys in each pitch class (C first) over ``rolls`` ``(..., 88)``
+    (padding, being zeros, counts for nothing); ``PITCH_CLASSES`` -> share, summing to 1."""
+    per_key = rolls.reshape(-1, NUM_KEYS).sum(axis=0, dtype=np.float64)
+    per_class = np.bincount((np.arange(NUM_KEYS) + LOWEST_PITCH) % 12, weights=per_key, minlength=12)
+    return dict(zip(PITCH_CLASSES, (per_class / per_class.sum()).tolist()))
 
 
 def _key(pitch: object, where: str) -> int:
