@@ -39,17 +39,9 @@ def long_rows(data, seed: int = 0) -> pa.Table:
             parts += [split] * length
             frames.append(x[n, :length].double().numpy())
     values = np.concatenate(frames)
-    columns = {"unit": units, "t": times, **{name: values[:, d] for d, name in enumerate(FEATURES)}, "part": parts}
-    table = pa.table(columns)
-    for name in FEATURES:  # NaN -> null, as a table holds a gap
-        column = table.column(name).combine_chunks()
-        table = table.set_column(table.column_names.index(name), name, null_where_nan(column))
+    gaps = {name: pa.array(values[:, d], mask=np.isnan(values[:, d])) for d, name in enumerate(FEATURES)}  # NaN -> null
+    table = pa.table({"unit": units, "t": times, **gaps, "part": parts})
     return table.take(np.random.default_rng(seed).permutation(table.num_rows))
-
-
-def null_where_nan(column: pa.Array) -> pa.Array:
-    values = column.to_numpy(zero_copy_only=False)
-    return pa.array(values, mask=np.isnan(values))
 
 
 @pytest.fixture(scope="module")

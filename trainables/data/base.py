@@ -3,8 +3,8 @@
 A split of sequence data is a padded float32 tensor ``x`` ``(N, T, D)`` with int64
 ``lengths`` ``(N,)``: frame ``t`` of sequence ``n`` is real when ``t < lengths[n]`` and
 padding otherwise, and padding is stored as zeros. A split of point data (mixtures) is
-``x`` ``(N, D)`` with ``lengths`` ``None``. NaN is a missing value (trainables.models.missing).
-Bad data fails here, at load time, with a
+``x`` ``(N, D)`` with ``lengths`` ``None``. NaN is a missing value
+(:mod:`trainables.models.missing`). Bad data fails here, at load time, with a
 :class:`DataError` whose message names the source (a file path or a data set name), the
 split and the problem.
 """

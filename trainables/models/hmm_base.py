@@ -8,6 +8,7 @@ decoding, posteriors and sampling all go through the same engine.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -106,10 +107,15 @@ class HMMFamily(MapModel):
             prior = MaskedDirichlet(em.base(prior).concentration, masks[0])
         return prior
 
+    @cached_property
+    def _chain_masks(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``hparams.chain_masks()``, built and checked once: ``priors()`` runs every step."""
+        return self.hparams.chain_masks()
+
     def _masks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The chain's allowed first states ``(K,)`` and transitions ``(K, K)`` as bool
         tensors on the priors' device, ``None`` for an ergodic chain."""
-        masks = self.hparams.chain_masks()
+        masks = self._chain_masks
         return None if masks is None else tuple(torch.as_tensor(m, device=self._anchor.device) for m in masks)
 
     def chain_init(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -118,7 +124,7 @@ class HMMFamily(MapModel):
         constrained topology."""
         K = self.hidden_dim
         params = {"initial": uniform_simplex((K,), generator), "transition": sticky_simplex((K, K), generator)}
-        masks = self.hparams.chain_masks()
+        masks = self._chain_masks
         if masks is None:
             return params
         return {name: _renormalised(params[name], torch.from_numpy(mask)) for name, mask in zip(params, masks)}
