@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -118,8 +119,19 @@ def cmd_tracking_server(args: argparse.Namespace) -> None:
 
 
 def _print_leaderboard(rows: list[dict]) -> None:
-    columns = [c for c in (rows[0] if rows else {"trial": ""}) if c != "run_id"]
-    print_table(rows, columns)
+    """The leaderboard, each trial's difference to the best with its 95% CI in one column."""
+    versus = "vs_best [95% CI]"
+    shown = [{**row, versus: _versus(row)} for row in rows]
+    columns = [c for c in (rows[0] if rows else {"trial": ""}) if c not in ("run_id", "vs_best", "ci_low", "ci_high")]
+    if "verdict" in columns:
+        columns.insert(columns.index("verdict"), versus)
+    print_table(shown, columns)
+
+
+def _versus(row: dict) -> str:
+    if not math.isfinite(row.get("vs_best", math.nan)):
+        return ""
+    return f"{row['vs_best']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]"
 
 
 def cmd_runs(args: argparse.Namespace) -> None:

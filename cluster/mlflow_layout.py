@@ -25,6 +25,7 @@ from mlflow.entities import Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from trainables.held_out import HELD_OUT_ARTIFACT, HeldOutScores
 from trainables.selection import SELECTION_METRICS
 
 from .home import artifact_location
@@ -154,11 +155,25 @@ class SweepTracker:
         value, best = min(scored, key=lambda pair: pair[0])
         return best, value
 
+    def held_out(self, run: Run) -> HeldOutScores | None:
+        """A finished trial's held-out scores (:mod:`trainables.held_out`), or None where
+        it logged none."""
+        if run.info.status != "FINISHED":
+            return None
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                path = self.client.download_artifacts(run.info.run_id, HELD_OUT_ARTIFACT, scratch)
+            except (MlflowException, OSError):
+                return None
+            return HeldOutScores.read(path)
+
     def leaderboard(self, parent_run_id: str, searched: list[str]) -> list[dict[str, Any]]:
         """One row per trial (its ``searched`` hyperparameters typed, from its config tag),
-        best ``best_valid_nll`` first (failed and unscored last)."""
-        rows = []
+        best ``best_valid_nll`` first (failed and unscored last), each compared with the
+        best on the validation sequences (:func:`versus_best`)."""
+        rows, scores = [], {}
         for run in self.children(parent_run_id):
+            scores[run.info.run_id] = self.held_out(run)
             metrics, config = run.data.metrics, json.loads(run.data.tags[CONFIG_TAG])
             rows.append(
                 {
@@ -172,7 +187,40 @@ class SweepTracker:
                     "run_id": run.info.run_id,
                 }
             )
-        return sorted(rows, key=_rank)
+        return versus_best(sorted(rows, key=_rank), scores)
+
+
+#: the leaderboard's comparison columns: NLL per frame minus the best's, its 95% CI, the verdict
+VERSUS_COLUMNS = ("exact", "vs_best", "ci_low", "ci_high", "verdict")
+
+
+def versus_best(rows: list[dict[str, Any]], scores: dict[str, HeldOutScores | None]) -> list[dict[str, Any]]:
+    """Add :data:`VERSUS_COLUMNS` to leaderboard ``rows`` (best first): each trial's
+    validation NLL per frame minus the best trial's with a 95% paired-bootstrap interval
+    over the same sequences (:meth:`HeldOutScores.compare`), and a ``verdict``: ``best``,
+    ``tied`` (the interval covers 0), ``worse`` or ``better``; ``(bound vs exact)`` where
+    one of the two is a bound, so a bound is never ranked as an equal of a likelihood
+    unflagged. ``scores`` maps run ids to held-out scores (None where there are none)."""
+    best = rows[0] if rows and is_scored(rows[0]) else None
+    reference = scores.get(best["run_id"]) if best else None
+    for row in rows:
+        own = scores.get(row["run_id"])
+        row.update(exact="" if own is None else own.exact, vs_best=math.nan, ci_low=math.nan, ci_high=math.nan, verdict="")
+        if own is None or reference is None:
+            continue
+        if row is best:
+            row.update(vs_best=0.0, ci_low=0.0, ci_high=0.0, verdict="best")
+            continue
+        try:
+            comparison = own.compare(reference, "valid")
+        except ValueError:
+            row["verdict"] = "other data"
+            continue
+        verdict = "tied" if comparison.tied else "worse" if comparison.low > 0 else "better"
+        if own.exact != reference.exact:
+            verdict += " (bound vs exact)"
+        row.update(vs_best=comparison.difference, ci_low=comparison.low, ci_high=comparison.high, verdict=verdict)
+    return rows
 
 
 def is_scored(row: dict[str, Any]) -> bool:

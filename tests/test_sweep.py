@@ -34,6 +34,7 @@ from trainables.data import load_dataset
 from trainables.models import build_model
 from trainables.svi import Candidate, Trainer, screen_initializations
 from trainables.checkpoint import TRIAL_STATE
+from trainables.held_out import HELD_OUT, HELD_OUT_ARTIFACT, HeldOutScores
 from trainables.trainable import TrialSetup, run_trial
 
 pytestmark = pytest.mark.slow
@@ -69,7 +70,11 @@ def test_a_tiny_sweep_logs_one_parent_and_a_finished_child_per_trial(tmp_path, r
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"loss_curve.png", "model.png", "checkpoint", "trial_config.json"} <= artifacts
         checkpoint = {a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")}
-        assert {"checkpoint/model.pt", "checkpoint/config.json"} <= checkpoint
+        assert {"checkpoint/model.pt", "checkpoint/config.json", f"checkpoint/{HELD_OUT}"} <= checkpoint
+        held_out = HeldOutScores.read(client.download_artifacts(child.info.run_id, HELD_OUT_ARTIFACT, str(tmp_path)))
+        # the trial's figures summed batch by batch in float32 (64 sequences): within 64 float32 roundings
+        assert held_out.exact and held_out.per_frame("valid") == pytest.approx(child.data.metrics["best_valid_nll"], rel=64 * 2**-23)
+        assert held_out.per_frame("test") == pytest.approx(child.data.metrics["test_nll"], rel=1e-12)
     parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"leaderboard.csv", "search.png", "sweep"} <= parent_artifacts
     leaderboard = Path(client.download_artifacts(parents[0].info.run_id, "leaderboard.csv", str(tmp_path)))
@@ -78,6 +83,9 @@ def test_a_tiny_sweep_logs_one_parent_and_a_finished_child_per_trial(tmp_path, r
     assert {row["run_id"] for row in rows} == set(by_run)
     for row in rows:
         assert float(row["best_valid_nll"]) == pytest.approx(by_run[row["run_id"]].data.metrics["best_valid_nll"])
+        assert row["exact"] == "True"
+    assert rows[0]["verdict"] == "best" and rows[1]["verdict"] in {"tied", "worse"}
+    assert float(rows[1]["ci_low"]) <= float(rows[1]["vs_best"]) <= float(rows[1]["ci_high"])
     assert outcome.best["run_id"] == rows[0]["run_id"]
     assert parents[0].data.tags["best_run_id"] == rows[0]["run_id"]
 

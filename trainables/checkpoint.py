@@ -5,7 +5,8 @@ A checkpoint is a directory holding ``model.pt`` (the model's ``state_dict``, pl
 tensors) and ``config.json`` (``{"model": model.config, "module": ..., **extra}``, where
 ``module`` is the Python module that registers the family, imported on load when the
 family is not known yet). A trial's checkpoint also holds ``trial_state.pt`` (every
-candidate's trainer state, for resuming). In MLflow a trial's checkpoint is the artifact
+candidate's trainer state, for resuming) and ``held_out.parquet`` (every validation and
+test sequence's NLL, :mod:`trainables.held_out`). In MLflow a trial's checkpoint is the artifact
 directory ``checkpoint``, and so is the checkpoint inside a promoted pyfunc model.
 """
 

@@ -17,11 +17,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import pyro
 import torch
 
 from . import inference, selection
 from .data import Dataset, Split
+from .held_out import HELD_OUT_SPLITS, HeldOutScores
 from .models import MapModel, SequenceModel
 from .models.contract import observation_problem
 from .models.counting import free_parameters
@@ -173,6 +175,17 @@ def sequence_log_likelihoods(model: SequenceModel, split: Split, batch_size: int
 def evaluate_nll(model: SequenceModel, split: Split, batch_size: int = 64) -> float:
     """Negative log-likelihood in nats per frame of a whole split."""
     return float(split_nll(model.log_likelihood, split, batch_size))
+
+
+def held_out_scores(model: SequenceModel, splits: dict[str, Split]) -> HeldOutScores:
+    """Each validation and test sequence's NLL under ``model``, with the splits'
+    fingerprints and whether the numbers are exact."""
+    return HeldOutScores(
+        nll={name: (-sequence_log_likelihoods(model, splits[name])).cpu().numpy() for name in HELD_OUT_SPLITS},
+        frames={name: np.asarray(frame_counts(splits[name]), dtype=np.int64) for name in HELD_OUT_SPLITS},
+        fingerprints={name: splits[name].fingerprint() for name in HELD_OUT_SPLITS},
+        exact=model.exact,
+    )
 
 
 @torch.no_grad()
@@ -437,26 +450,27 @@ class Trainer:
         self._load(0)
         return records
 
-    def best_scores(self, index: int = 0) -> dict[str, float]:
+    def best_scores(self, index: int = 0) -> tuple[dict[str, float], HeldOutScores]:
         """Candidate ``index``'s figures at its best epoch: ``test_nll`` per frame, and for
         choosing the number of states (:mod:`trainables.selection`) ``num_parameters``, the
         ``valid_nll_se`` and, where the likelihood is exact, ``bic`` and ``aic`` of the
-        training split."""
+        training split; and every held-out sequence's NLL (:func:`held_out_scores`)."""
         current = copy.deepcopy(self.model.state_dict())
         self.model.load_state_dict(self.candidates[index].best_state)
-        model, valid, train = self.model, self.splits["valid"], self.splits["train"]
+        model, train = self.model, self.splits["train"]
+        held_out = held_out_scores(model, self.splits)
         scores = {
-            "test_nll": evaluate_nll(model, self.splits["test"]),
+            "test_nll": held_out.per_frame("test"),
             "num_parameters": float(free_parameters(model)),
             "valid_nll_se": selection.per_frame_standard_error(
-                (-sequence_log_likelihoods(model, valid)).tolist(), frame_counts(valid)
+                held_out.nll["valid"].tolist(), held_out.frames["valid"].tolist()
             ),
         }
         if model.exact:
             log_likelihood = float(sequence_log_likelihoods(model, train).sum())
             scores.update(selection.information_criteria(log_likelihood, int(scores["num_parameters"]), num_frames(train)))
         self.model.load_state_dict(current)
-        return scores
+        return scores, held_out
 
     def result(self, index: int = 0) -> TrainResult:
         """Leave the model at candidate ``index``'s best epoch and summarise its run."""

@@ -29,6 +29,7 @@ from ray import tune
 
 from .checkpoint import TRIAL_STATE, save_checkpoint
 from .data import Dataset
+from .held_out import HeldOutScores
 from .models import MapModel, build_model, family_class
 from .settings import TrainConfig, TrainSettings
 from .svi import Candidate, Trainer, engine_path, screen_initializations
@@ -108,7 +109,7 @@ class Trial:
         # every candidate as (trainer, index in that trainer)
         self.candidates = [(t, i) for t in self.trainers for i in range(len(t.candidates))]
         self.restored = self._restore()
-        self._best_scores: tuple[tuple[int, int], dict[str, float]] | None = None
+        self._best_scores: tuple[tuple[int, int], tuple[dict[str, float], HeldOutScores]] | None = None
         first = self.trainers[0]
         self.engine = engine_path(first.model, first.splits["train"], first.device)
         self.setup_s = time.perf_counter() - started
@@ -158,9 +159,9 @@ class Trial:
         """Index of the candidate the training objective prefers (lowest last train loss)."""
         return min(range(len(self.candidates)), key=lambda i: self.record(i).history[-1].train_loss)
 
-    def best_scores(self, index: int) -> dict[str, float]:
-        """Test NLL and K-selection figures of candidate ``index`` at its best epoch
-        (:meth:`Trainer.best_scores`, computed once per best)."""
+    def best_scores(self, index: int) -> tuple[dict[str, float], HeldOutScores]:
+        """Test NLL and K-selection figures of candidate ``index`` at its best epoch, and
+        its held-out sequences' NLL (:meth:`Trainer.best_scores`, computed once per best)."""
         trainer, local = self.candidates[index]
         key = (index, self.record(index).best_epoch)
         if self._best_scores is None or self._best_scores[0] != key:
@@ -180,7 +181,7 @@ class Trial:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "best_valid_nll": candidate.best_valid,
             "best_epoch": candidate.best_epoch,
-            **self.best_scores(index),
+            **self.best_scores(index)[0],
             "candidate": index,
             "node_id": ray.get_runtime_context().get_node_id(),
             "hostname": socket.gethostname(),
@@ -193,13 +194,15 @@ class Trial:
 
     def checkpoint(self, directory: str) -> tune.Checkpoint:
         """The state of every candidate, plus the chosen one's best model as a plain
-        checkpoint (``model.pt``, ``config.json``) for artifacts and promotion."""
+        checkpoint (``model.pt``, ``config.json``) for artifacts and promotion, with its
+        held-out scores (``held_out.parquet``)."""
         torch.save([trainer.state_dict() for trainer in self.trainers], Path(directory) / TRIAL_STATE)
         index = self.chosen()
         candidate = self.record(index)
         model = build_model(**self.candidates[index][0].model.config)
         model.load_state_dict(candidate.best_state)
         save_checkpoint(model, directory, best_epoch=candidate.best_epoch, valid_nll=candidate.best_valid)
+        self.best_scores(index)[1].write(directory)
         return tune.Checkpoint.from_directory(directory)
 
     def run(self) -> None:

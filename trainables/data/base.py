@@ -11,6 +11,7 @@ split and the problem.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,15 @@ class Split:
 
     x: torch.Tensor
     lengths: torch.Tensor | None
+
+    def fingerprint(self) -> str:
+        """A SHA-256 of the values and lengths: two splits with the same fingerprint are the
+        same sequences in the same order (what a paired comparison of two models needs)."""
+        digest = hashlib.sha256(repr(tuple(self.x.shape)).encode())
+        digest.update(self.x.detach().cpu().contiguous().numpy().tobytes())
+        if self.lengths is not None:
+            digest.update(self.lengths.detach().cpu().numpy().astype(np.int64).tobytes())
+        return digest.hexdigest()
 
 
 @dataclass(frozen=True)
