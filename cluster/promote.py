@@ -7,7 +7,16 @@ trial's own run, with the trial's checkpoint as the artifact ``checkpoint``, the
 an input example from the data's test split. Its lineage is on the version as tags:
 ``pyrosweep.sweep_run_id``, ``pyrosweep.trial_run_id``, ``pyrosweep.metric``,
 ``pyrosweep.metric_value`` and ``pyrosweep.previous_version`` (where the alias pointed
-before), which is what ``rollback`` follows.
+before), which is what ``rollback`` follows. Where the alias's version has held-out
+scores on the same test sequences, the new version also gets the paired comparison
+with it (``pyrosweep.vs_previous``: NLL per frame of the new minus the old, ``..._low``,
+``..._high``: its 95% bootstrap interval, ``..._n``: the sequences); with
+``require_better`` a version that does not beat it (the interval excluding 0) is not
+registered at all (:class:`PromotionRefused`). Its states are renumbered to match the
+alias's version on the validation split (:mod:`trainables.alignment`), so a served state
+keeps its meaning from version to version: ``pyrosweep.aligned_to`` (that version),
+``pyrosweep.state_order`` (served state ``i`` is the trial's state ``order[i]``) and
+``pyrosweep.state_agreement`` go on the version, or ``pyrosweep.not_aligned`` with why.
 
 MLflow, torch and Ray load inside the functions: ``pyrosweep`` builds its parser (with
 ``add_promote_arguments``) for every command, and importing them costs seconds.
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -33,7 +43,10 @@ if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
     from mlflow.tracking import MlflowClient
 
+    from trainables.comparison import Comparison
     from trainables.models import SequenceModel
+
+    from .mlflow_layout import SweepTracker
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +56,11 @@ TRIAL_RUN_TAG = "pyrosweep.trial_run_id"
 METRIC_TAG = "pyrosweep.metric"
 VALUE_TAG = "pyrosweep.metric_value"
 PREVIOUS_TAG = "pyrosweep.previous_version"
+VERSUS_TAG = "pyrosweep.vs_previous"  # and _low, _high, _n: the paired comparison on the test split
+ALIGNED_TAG = "pyrosweep.aligned_to"
+ORDER_TAG = "pyrosweep.state_order"
+AGREEMENT_TAG = "pyrosweep.state_agreement"
+NOT_ALIGNED_TAG = "pyrosweep.not_aligned"
 PINNED_PACKAGES = ("torch", "pyro-ppl", "mlflow", "numpy", "music21")  # music21: trainables.data imports it
 _ALIAS = re.compile(r"[A-Za-z0-9_-]+")
 _RESERVED_ALIAS = re.compile(r"latest|v[0-9]+", re.IGNORECASE)
@@ -154,6 +172,79 @@ def _alias_target(client: MlflowClient, name: str, alias: str) -> str | None:
     return None if target is None else str(target)
 
 
+class PromotionRefused(ValueError):
+    """``--require-better``: the winner does not beat the version under the alias."""
+
+
+def _versus_previous(
+    tracker: SweepTracker, trial: Run, name: str, previous: str | None, require_better: bool
+) -> Comparison | None:
+    """The winner minus version ``previous`` of ``name`` on the same test sequences (None
+    where there is no previous version or nothing to compare). With ``require_better``
+    anything short of a paired interval wholly below 0 raises :class:`PromotionRefused`
+    with the reason."""
+    if previous is None:
+        return None
+    keep = f"{name} stays at version {previous}"
+
+    def refuse(reason: str) -> None:
+        if require_better:
+            raise PromotionRefused(f"not promoted (--require-better): {reason}; {keep}")
+
+    champion_run = tracker.client.get_run(tracker.client.get_model_version(name, previous).run_id)
+    champion, winner = tracker.held_out(champion_run), tracker.held_out(trial)
+    if champion is None or winner is None:
+        which = f"version {previous}'s trial" if champion is None else f"trial run {trial.info.run_id}"
+        refuse(f"{which} has no held-out scores to compare (it was trained before pyrosweep recorded them)")
+        return None
+    try:
+        comparison = winner.compare(champion, "test")
+    except ValueError as error:
+        refuse(f"version {previous} of {name} {error}; promote under another --name")
+        return None
+    if not champion.exact and winner.exact:
+        refuse(f"version {previous}'s test NLL is a bound, so beating it does not show the winner is better")
+    elif not comparison.better:
+        verdict = "tied: the interval covers 0" if comparison.tied else "worse"
+        refuse(
+            f"the winner (trial run {trial.info.run_id}) minus version {previous} on the same {comparison.n} test "
+            f"sequences is {comparison.describe()} nats per frame (95% CI), {verdict}"
+        )
+    return comparison
+
+
+def _align_to_previous(tracking_uri: str, checkpoint: str, name: str, previous: str | None, data: dict[str, Any]) -> dict[str, str]:
+    """Renumber the states of the model in ``checkpoint`` (in place) to match version
+    ``previous`` of ``name`` on the validation split of ``data``; the version's tags that
+    say how, or why not."""
+    from serve.registry import load_model_version
+    from trainables.alignment import align
+    from trainables.checkpoint import load_checkpoint, read_config, save_checkpoint
+    from trainables.data import load_dataset
+
+    if previous is None:
+        return {}
+    model = load_checkpoint(checkpoint)
+    reference, _ = load_model_version(tracking_uri, name, previous)
+    problem = model.relabel_problem()
+    if not problem and (theirs := reference.relabel_problem()):
+        problem = f"version {previous}: {theirs}"
+    if not problem and (reference.data_kind, reference.data_dim) != (model.data_kind, model.data_dim):
+        problem = f"version {previous} takes other data ({reference.data_dim} values per frame, not {model.data_dim})"
+    if not problem:
+        try:
+            valid = load_dataset(**data).splits["valid"]
+        except (KeyError, ValueError, OSError) as error:
+            problem = f"the sweep's data did not load here ({error})"
+    if problem:
+        return {NOT_ALIGNED_TAG: problem}
+    alignment = align(model, reference, valid)
+    model.relabel(alignment.order)
+    extra = {key: value for key, value in read_config(checkpoint).items() if key not in ("model", "module")}
+    save_checkpoint(model, checkpoint, **extra)
+    return {ALIGNED_TAG: previous, ORDER_TAG: json.dumps(alignment.order), AGREEMENT_TAG: repr(alignment.agreement)}
+
+
 def _ensure_registered(client: MlflowClient, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
@@ -171,15 +262,19 @@ def promote(
     metric: str = "valid_nll",
     name: str | None = None,
     alias: str = "champion",
+    require_better: bool = False,
 ) -> dict[str, Any]:
     """Register the best FINISHED trial of the latest sweep of ``experiment`` (or of the
     parent run ``sweep``) by the lowest ``metric`` (``valid_nll`` is the trial's
     ``best_valid_nll``; other names are child metrics as they are) as a new version of
-    ``name`` (default: the experiment's name) and move ``alias`` to it.
+    ``name`` (default: the experiment's name) and move ``alias`` to it; with
+    ``require_better`` only if it beats the alias's version on the same test sequences
+    (else :class:`PromotionRefused`, and nothing is registered).
 
     :returns: ``name``, ``version``, ``alias``, ``run_id`` (the trial run),
-        ``sweep_run_id``, ``metric``, ``value`` and ``previous_version`` (where the alias
-        pointed before, or None).
+        ``sweep_run_id``, ``metric``, ``value``, ``previous_version`` (where the alias
+        pointed before, or None), ``versus`` (the comparison with it, or None) and
+        ``alignment`` (the version's alignment tags).
     """
     from .mlflow_layout import SweepTracker
 
@@ -192,16 +287,20 @@ def promote(
     data = tracker.sweep_spec(sweep_run.info.run_id)["data"]
     name = name or experiment
     previous = _alias_target(client, name, alias)
+    versus = _versus_previous(tracker, trial, name, previous, require_better)
     lineage = {
         SWEEP_RUN_TAG: sweep_run.info.run_id,
         TRIAL_RUN_TAG: trial.info.run_id,
         METRIC_TAG: child_metric,
         VALUE_TAG: repr(value),
         **({PREVIOUS_TAG: previous} if previous else {}),
+        **(_versus_tags(versus) if versus else {}),
     }
     # the SQL registry looks the logged model up through the fluent tracking URI
     with tempfile.TemporaryDirectory() as scratch, _fluent_tracking(tracking_uri):
-        info = _log_pyfunc(trial, _download_checkpoint(client, trial, scratch), name, data)
+        checkpoint = _download_checkpoint(client, trial, scratch)
+        lineage.update(_align_to_previous(tracking_uri, checkpoint, name, previous, data))
+        info = _log_pyfunc(trial, checkpoint, name, data)
         _ensure_registered(client, name)
         version = client.create_model_version(
             name, info.model_uri, run_id=trial.info.run_id, tags=lineage, model_id=info.model_id
@@ -216,6 +315,17 @@ def promote(
         "metric": child_metric,
         "value": value,
         "previous_version": int(previous) if previous else None,
+        "versus": versus,
+        "alignment": {key: value for key, value in lineage.items() if key in (ALIGNED_TAG, ORDER_TAG, AGREEMENT_TAG, NOT_ALIGNED_TAG)},
+    }
+
+
+def _versus_tags(versus: Comparison) -> dict[str, str]:
+    return {
+        VERSUS_TAG: repr(versus.difference),
+        f"{VERSUS_TAG}_low": repr(versus.low),
+        f"{VERSUS_TAG}_high": repr(versus.high),
+        f"{VERSUS_TAG}_n": str(versus.n),
     }
 
 
@@ -260,6 +370,11 @@ def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alias", default="champion", help="the alias to move (default: champion)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the embedded store)")
     parser.add_argument("--rollback", action="store_true", help="move the alias back to the version it pointed to before")
+    parser.add_argument(
+        "--require-better", action="store_true",
+        help="register only if the winner beats the alias's version on the same test sequences (95%% paired "
+        "bootstrap interval below 0); otherwise say why and exit 2",
+    )
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
@@ -274,9 +389,17 @@ def cmd_promote(args: argparse.Namespace) -> None:
         return
     if not args.experiment:
         raise ValueError("promote needs --experiment NAME (the sweep's name)")
-    done = promote(uri, args.experiment, args.sweep, args.metric, args.name, args.alias)
+    done = promote(uri, args.experiment, args.sweep, args.metric, args.name, args.alias, args.require_better)
     before = f"was version {done['previous_version']}" if done["previous_version"] else "first version under it"
     print(f"registered {done['name']} version {done['version']} as @{done['alias']} ({before})")
     print(f"  trial run {done['run_id']} of sweep run {done['sweep_run_id']}: {done['metric']} = {done['value']:.4f}")
+    if ORDER_TAG in done["alignment"]:
+        print(f"  states renumbered to match version {done['previous_version']}: served state i is the trial's state "
+              f"{done['alignment'][ORDER_TAG]}[i] ({float(done['alignment'][AGREEMENT_TAG]):.1%} of validation frames agree)")
+    elif NOT_ALIGNED_TAG in done["alignment"]:
+        print(f"  states not renumbered: {done['alignment'][NOT_ALIGNED_TAG]}")
+    if (versus := done["versus"]) is not None:
+        print(f"  vs version {done['previous_version']} on the same {versus.n} test sequences: "
+              f"{versus.describe()} nats per frame (95% CI)")
     print(f"  load: mlflow.pyfunc.load_model('models:/{done['name']}@{done['alias']}') with MLFLOW_TRACKING_URI={uri}")
     print(f"  serve: pyrosweep serve --model models:/{done['name']}@{done['alias']} --tracking-uri {uri}")

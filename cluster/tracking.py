@@ -32,6 +32,7 @@ EPOCH_METRICS = (
     "setup_s",  # trial start to its first SVI step
     "peak_rss_mb",  # the peak of the worker process (of every trial it ran: Tune reuses workers)
     *SELECTION_METRICS,  # at the best epoch, for choosing the number of states
+    "restart_ari",  # at the end: the kept restarts' agreement (trainables.alignment.restart_agreement)
 )  # fmt: skip
 ERROR_TAG_LIMIT = 5000
 

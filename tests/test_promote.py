@@ -7,6 +7,7 @@ Ray is only up while the module's sweeps run; everything after works on the stor
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,11 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cluster.promote import PREVIOUS_TAG, add_promote_arguments, cmd_promote, example_body, promote, rollback
+from cluster.cli import main
+from cluster.promote import (
+    AGREEMENT_TAG, ALIGNED_TAG, ORDER_TAG, PREVIOUS_TAG, VERSUS_TAG, PromotionRefused,
+    add_promote_arguments, cmd_promote, example_body, promote, rollback,
+)
 from cluster.sweep import run_sweep
 from cluster.sweep_file import load_sweep_file
 from cluster.mlflow_layout import PARENT_TAG, SweepTracker
@@ -50,11 +55,24 @@ max_concurrent: 2
 """
 
 
+GATE_SWEEP = """
+name: gate-{kind}
+model: hmm
+data: {{name: synthetic-hmm, num_sequences: 200, length: 30, hidden_dim: 3, seed: {seed}}}
+train: {{method: em, epochs: 15}}
+search: {{hidden_dim: {states}, seed: 0}}
+num_samples: 1
+resources: {{cpu: 1, gpu: 0}}
+"""
+GATES = {"weak": (1, 0), "strong": (3, 0), "other": (3, 1)}  # kind: (states, data seed)
+
+
 @dataclass
 class Store:
     uri: str
     directory: Path
     sweeps: list[str]  # parent run ids, oldest first
+    gates: dict[str, str]  # GATES kind: its experiment's one sweep
 
     @property
     def client(self) -> MlflowClient:
@@ -63,17 +81,22 @@ class Store:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Store:
-    """Two sweeps of the same experiment, one after the other."""
+    """Two sweeps of the same experiment, one after the other; and the GATES sweeps."""
     directory = tmp_path_factory.mktemp("promote")
     uri = f"sqlite:///{directory}/mlflow.db"
     config = directory / "sweep.yaml"
     config.write_text(SWEEP.format(name=EXPERIMENT))
+    gates = {}
+    for kind, (states, seed) in GATES.items():
+        gates[kind] = directory / f"gate-{kind}.yaml"
+        gates[kind].write_text(GATE_SWEEP.format(kind=kind, states=states, seed=seed))
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
         outcomes = [run_sweep(load_sweep_file(config), tracking=uri, storage=str(directory / "ray")) for _ in range(2)]
+        gated = {kind: run_sweep(load_sweep_file(path), tracking=uri, storage=str(directory / "ray")) for kind, path in gates.items()}
     finally:
         ray.shutdown()
-    return Store(uri, directory, [outcome.parent_run_id for outcome in outcomes])
+    return Store(uri, directory, [outcome.parent_run_id for outcome in outcomes], {k: o.parent_run_id for k, o in gated.items()})
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +124,7 @@ def test_promotion_registers_the_best_finished_trial_with_alias_and_lineage(stor
     run_id, value = best_child(store, store.sweeps[0])
     assert first == {
         "name": EXPERIMENT, "version": 1, "alias": "champion", "run_id": run_id, "sweep_run_id": store.sweeps[0],
-        "metric": "best_valid_nll", "value": value, "previous_version": None,
+        "metric": "best_valid_nll", "value": value, "previous_version": None, "versus": None, "alignment": {},
     }
     version = store.client.get_model_version(EXPERIMENT, "1")
     assert version.run_id == run_id
@@ -140,6 +163,28 @@ def test_the_command_prints_name_version_alias_and_rolls_back(store, promoted, c
         cmd_promote(parser.parse_args(["--tracking-uri", store.uri]))
 
 
+def test_require_better_accepts_a_clearly_better_model_only_and_says_why_not(store, capsys):
+    def gate(kind: str) -> dict:
+        return promote(store.uri, f"gate-{kind}", sweep=store.gates[kind], name="gate", require_better=True)
+
+    first = gate("weak")
+    assert (first["version"], first["versus"]) == (1, None), "nothing to beat yet"
+    with pytest.raises(PromotionRefused, match=r"same \d+ test sequences is \+0\.0000 \[\+0\.0000, \+0\.0000\].*tied.*gate stays at version 1"):
+        gate("weak")
+    better = gate("strong")
+    assert better["version"] == 2 and better["versus"].better
+    tags = store.client.get_model_version("gate", "2").tags
+    assert float(tags[VERSUS_TAG]) == better["versus"].difference < float(tags[f"{VERSUS_TAG}_high"]) < 0
+    assert float(tags[f"{VERSUS_TAG}_low"]) < float(tags[VERSUS_TAG]) and int(tags[f"{VERSUS_TAG}_n"]) == better["versus"].n
+    with pytest.raises(PromotionRefused, match=r"minus version 2 .*worse; gate stays at version 2"):
+        gate("weak")
+    with pytest.raises(PromotionRefused, match="version 2 of gate .*different test sequences.*other data"):
+        gate("other")
+    assert sorted(int(v.version) for v in store.client.search_model_versions("name = 'gate'")) == [1, 2], "none refused is registered"
+    code = main(["promote", "--experiment", "gate-weak", "--name", "gate", "--require-better", "--tracking-uri", store.uri])
+    assert code == 2 and "not promoted (--require-better)" in capsys.readouterr().err
+
+
 def test_load_model_version_rebuilds_the_trials_model(store, promoted):
     first, _ = promoted
     model, info = load_model_version(store.uri, EXPERIMENT, 1)
@@ -152,6 +197,18 @@ def test_load_model_version_rebuilds_the_trials_model(store, promoted):
     assert info["hyperparameters"] == reference.config
     assert info["metrics"]["best_valid_nll"] == first["value"] and math.isfinite(info["metrics"]["test_nll"])
     assert isinstance(info["aliases"], list)
+
+
+def test_a_promotion_under_an_alias_renumbers_its_states_to_match_the_version_before(store, promoted):
+    _, second = promoted
+    tags = store.client.get_model_version(EXPERIMENT, "2").tags
+    assert tags[ALIGNED_TAG] == "1" and second["alignment"][ORDER_TAG] == tags[ORDER_TAG]
+    assert 0.0 < float(tags[AGREEMENT_TAG]) <= 1.0
+    served, _ = load_model_version(store.uri, EXPERIMENT, 2)
+    trial = trial_model(store, second["run_id"])
+    trial.relabel(json.loads(tags[ORDER_TAG]))
+    for name, value in trial.get_parameters().items():
+        torch.testing.assert_close(served.get_parameters()[name], value, rtol=0, atol=0)
 
 
 def test_the_pyfunc_loads_by_alias_outside_ray_and_answers_like_scoring(store, promoted, monkeypatch):

@@ -33,6 +33,7 @@ from test_speed_paths import assert_same_run, restart_setting
 from trainables.data import load_dataset
 from trainables.models import build_model
 from trainables.svi import Candidate, Trainer, screen_initializations
+from trainables.alignment import decoded_states, restart_agreement
 from trainables.checkpoint import TRIAL_STATE
 from trainables.held_out import HELD_OUT, HELD_OUT_ARTIFACT, HeldOutScores
 from trainables.trainable import TrialSetup, run_trial
@@ -309,6 +310,11 @@ def test_a_trial_trains_its_kept_candidates_as_one_batched_model(tmp_path, ray_a
     chosen = min(range(4), key=lambda i: alone[i].history[-1].train_loss)
     assert result.metrics["candidate"] == chosen and result.metrics["setup_s"] > 0
     assert result.metrics["best_valid_nll"] == pytest.approx(alone[chosen].best_valid, rel=1e-5)
+    for trainer in alone:
+        trainer.result()  # the model at its best epoch
+    order = [chosen, *(i for i in range(4) if i != chosen)]
+    paths = [decoded_states(alone[i].model, data.splits["valid"]) for i in order]
+    assert result.metrics["restart_ari"] == pytest.approx(restart_agreement(paths), abs=1e-6)
 
 
 METHODS_SWEEP = """
@@ -337,6 +343,7 @@ def test_a_sweep_searches_the_training_method(tmp_path, ray_address):
     em_history = client.get_metric_history(by_method["em"].info.run_id, "train_loss")
     losses = [m.value for m in sorted(em_history, key=lambda m: m.step)]
     assert 2 <= len(losses) <= 6 and all(np.isfinite(losses))  # (monotone per candidate: tests/test_em.py)
+    assert all(-1 <= child.data.metrics["restart_ari"] <= 1 for child in children), "two restarts kept: their agreement"
 
 
 NEW_FAMILY_SWEEP = """

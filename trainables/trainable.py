@@ -28,9 +28,10 @@ import torch
 from ray import tune
 
 from .checkpoint import TRIAL_STATE, save_checkpoint
+from .alignment import decoded_states, restart_agreement
 from .data import Dataset
 from .held_out import HeldOutScores
-from .models import MapModel, build_model, family_class
+from .models import MapModel, SequenceModel, build_model, family_class
 from .settings import TrainConfig, TrainSettings
 from .svi import Candidate, Trainer, engine_path, screen_initializations
 
@@ -192,6 +193,22 @@ class Trial:
             metrics.update(screen_best=min(self.screening), screen_worst=max(self.screening))
         return metrics
 
+    def best_model(self, index: int) -> SequenceModel:
+        """Candidate ``index``'s model at its best epoch (a model of its own)."""
+        model = build_model(**self.candidates[index][0].model.config)
+        model.load_state_dict(self.record(index).best_state)
+        return model.to(self.candidates[index][0].device)
+
+    def stability(self) -> dict[str, float]:
+        """``restart_ari``: how alike the kept restarts' Viterbi paths of the validation
+        split are to the chosen one's, whatever their labels (the mean adjusted Rand index);
+        nothing with one candidate or continuous latents."""
+        if len(self.candidates) < 2 or self.trainers[0].model.latent == "continuous":
+            return {}
+        chosen, valid = self.chosen(), self.trainers[0].splits["valid"]  # on the trial's device
+        order = [chosen, *(index for index in range(len(self.candidates)) if index != chosen)]
+        return {"restart_ari": restart_agreement([decoded_states(self.best_model(index), valid) for index in order])}
+
     def checkpoint(self, directory: str) -> tune.Checkpoint:
         """The state of every candidate, plus the chosen one's best model as a plain
         checkpoint (``model.pt``, ``config.json``) for artifacts and promotion, with its
@@ -199,9 +216,7 @@ class Trial:
         torch.save([trainer.state_dict() for trainer in self.trainers], Path(directory) / TRIAL_STATE)
         index = self.chosen()
         candidate = self.record(index)
-        model = build_model(**self.candidates[index][0].model.config)
-        model.load_state_dict(candidate.best_state)
-        save_checkpoint(model, directory, best_epoch=candidate.best_epoch, valid_nll=candidate.best_valid)
+        save_checkpoint(self.best_model(index), directory, best_epoch=candidate.best_epoch, valid_nll=candidate.best_valid)
         self.best_scores(index)[1].write(directory)
         return tune.Checkpoint.from_directory(directory)
 
@@ -215,8 +230,9 @@ class Trial:
             self.epoch_s = time.perf_counter() - started
             finished = all(trainer.done for trainer in self.trainers)
             if finished or self.epoch % self.setup.checkpoint_every == 0:
+                metrics = {**self.metrics(), **(self.stability() if finished else {})}
                 with tempfile.TemporaryDirectory() as directory:
-                    tune.report(self.metrics(), checkpoint=self.checkpoint(directory))
+                    tune.report(metrics, checkpoint=self.checkpoint(directory))
             else:
                 tune.report(self.metrics())
 

@@ -122,6 +122,11 @@ class SequenceModel(PyroModule):
     def sample(self, num_sequences: int, length: int | None = None, seed: int = 0) -> Samples:
         raise NotImplementedError
 
+    def relabel_problem(self) -> str | None:
+        """Why this model's states cannot be renumbered (:meth:`MapModel.relabel`); None
+        where they can."""
+        return f"{self.family}: its latents are not labelled states"
+
 
 class MapModel(SequenceModel):
     """A model whose parameters have priors and are point-estimated (MAP) by ``AutoDelta``.
@@ -184,6 +189,29 @@ class MapModel(SequenceModel):
     def get_parameters(self) -> dict[str, torch.Tensor]:
         """The current parameters as plain (detached) tensors, in probability space."""
         return {name: value.detach().clone() for name, value in self.map_values().items()}
+
+    def shared_parameters(self) -> frozenset[str]:
+        """The parameters no state (component) owns, e.g. a tied covariance; every other
+        parameter's first axis indexes the states."""
+        return frozenset()
+
+    @torch.no_grad()
+    def relabel(self, order: torch.Tensor) -> None:
+        """Renumber the states (components): new state ``i`` is old state ``order[i]``.
+        The first axis of every parameter but :meth:`shared_parameters` is reordered
+        (``transition``'s second axis too); likelihoods do not change.
+
+        :param order: ``(K,)`` a permutation of ``0..K-1``.
+        """
+        if (problem := self.relabel_problem()) is not None:
+            raise ValueError(problem)
+        order = torch.as_tensor(order, dtype=torch.long, device=self.device)
+        if sorted(order.tolist()) != list(range(self.hidden_dim)):
+            raise ValueError(f"{self.family}: a relabelling is a permutation of 0..{self.hidden_dim - 1}, got {order.tolist()}")
+        values = {name: value[order] for name, value in self.map_values().items() if name not in self.shared_parameters()}
+        if "transition" in values:
+            values["transition"] = values["transition"][:, order]
+        self.set_parameters(**values)
 
     def set_parameters(self, **values: torch.Tensor) -> None:
         """Overwrite some or all parameters in place (optimiser state stays attached)."""

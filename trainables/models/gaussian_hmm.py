@@ -224,6 +224,10 @@ class GaussianHMM(HMMFamily):
             priors["scale_tril"] = prior.to_event(len(batch))
         return priors
 
+    def shared_parameters(self):
+        """A ``tied`` covariance belongs to no state."""
+        return frozenset({"scale_tril"}) if self.covariance == "tied" else frozenset()
+
     def init_parameters(self, x, lengths, generator):
         K, D = self.hidden_dim, self.data_dim
         if x is None:

@@ -65,6 +65,13 @@ class GaussianMixture(MapModel):
             "scales": dist.LogNormal(zero, h.prior_log_scale).expand(shape).to_event(len(shape)),
         }
 
+    def relabel_problem(self):
+        return None
+
+    def shared_parameters(self):
+        """The scales of ``global`` and ``dimension`` variance belong to no component."""
+        return frozenset({"scales"}) if self.hparams.variance in ("global", "dimension") else frozenset()
+
     def init_parameters(self, x, lengths, generator):
         K, D = self.hidden_dim, self.data_dim
         if x is None:

@@ -404,6 +404,13 @@ class NeuralHMM(BernoulliHMM):
         del params["emission_probs"]
         return params
 
+    @torch.no_grad()
+    def relabel(self, order):
+        """The chain's, and the emission net's state embedding ``(K, nn_dim)``, reordered."""
+        super().relabel(order)
+        embedding = self.tones.state_to_hidden.weight
+        embedding.copy_(embedding[torch.as_tensor(order, device=embedding.device)])
+
     def emission_m_step(self, params, x, lengths, marginals):
         """None in closed form: the network takes gradient steps instead (generalised EM,
         :meth:`HMMFamily.em_step`)."""

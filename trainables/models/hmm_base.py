@@ -153,6 +153,13 @@ class HMMFamily(MapModel):
         """Engine marginals ``(N, T, S)`` as reported to users ``(N, T, K)``."""
         return marginals
 
+    def relabel_problem(self) -> str | None:
+        if not self.hparams.single_chain:
+            return f"{self.family}: its states are tuples of a product or second-order chain, not one chain's labels"
+        if self._chain_masks is not None:
+            return f"{self.family}: its chain has structural zeros (topology {self.hparams.topology} or a transition_mask) that a renumbering would move"
+        return None
+
     def state_labels(self) -> list[str]:
         """Names of the engine's ``S`` states (for pictures)."""
         return [str(s) for s in range(self.transition_matrix().shape[-1])]
