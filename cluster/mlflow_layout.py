@@ -6,7 +6,10 @@ One experiment per sweep name; one parent run per sweep (tag ``pyrosweep.sweep``
 (beside the sweep file itself); one child run per trial (tags ``mlflow.parentRunId``,
 ``pyrosweep.sweep`` = ``trial``, ``ray.trial_id``, and the trial's config as JSON in
 ``pyrosweep.config``) that keeps its run across retries and resumes (found again by its
-trial id). Every hyperparameter is also an MLflow param, for the UI; readers take typed
+trial id). A sweep with ``seeds: N`` also gives each trial run N nested seed runs
+(``pyrosweep.sweep`` = ``seed``, ``pyrosweep.seed``, ``pyrosweep.sweep_run``), each with
+its member's metrics and checkpoint; the trial run has their means and the best member's
+checkpoint. Every hyperparameter is also an MLflow param, for the UI; readers take typed
 values from the spec and the config tag, never from params.
 
 Only MLflow is imported here: ``pyrosweep runs`` and promotion need no Ray or torch.
@@ -38,6 +41,8 @@ TRIAL_TAG = "ray.trial_id"
 SWEEP_TAG = "pyrosweep.sweep"
 CONFIG_TAG = "pyrosweep.config"
 INTERRUPTED_TAG = "pyrosweep.interrupted"
+SEED_TAG = "pyrosweep.seed"  # a seed run's outer seed index (sweeps with seeds: N)
+SWEEP_RUN_TAG = "pyrosweep.sweep_run"  # a seed run's sweep (its parent is its trial's run)
 SPEC_ARTIFACT = "sweep/spec.json"
 
 
@@ -136,6 +141,30 @@ class SweepTracker:
         self.log_params(run_id, {**fixed_params, **config})
         return run_id
 
+    def seed_runs(self, parent_run_id: str) -> list[Run]:
+        """The seed runs of the sweep ``parent_run_id`` (none without ``seeds: N``)."""
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{SWEEP_TAG}` = 'seed' and tags.`{SWEEP_RUN_TAG}` = '{parent_run_id}'",
+            max_results=50000,
+        )
+
+    def seed_run_for(self, parent_run_id: str, trial_run_id: str, trial_id: str, seed: int, config: dict[str, Any]) -> str:
+        """The run of outer seed ``seed`` of ``trial_id`` (nested under ``trial_run_id``):
+        found again after a retry or a resume, else created with the member's ``config``."""
+        for run in self.seed_runs(parent_run_id):
+            if run.data.tags.get(TRIAL_TAG) == trial_id and run.data.tags.get(SEED_TAG) == str(seed):
+                self.reopen(run)
+                return run.info.run_id
+        tags = {
+            PARENT_TAG: trial_run_id, TRIAL_TAG: trial_id, SWEEP_TAG: "seed", SEED_TAG: str(seed),
+            SWEEP_RUN_TAG: parent_run_id, CONFIG_TAG: json.dumps(config),
+        }  # fmt: skip
+        run_name = f"trial-{trial_id}-seed-{seed}"
+        run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        self.log_params(run_id, config)
+        return run_id
+
     def best_child(self, parent: Run, metric: str) -> tuple[Run, float]:
         """The FINISHED child of ``parent`` with the lowest finite ``metric``, and that value."""
         children = self.children(parent.info.run_id)
@@ -170,10 +199,15 @@ class SweepTracker:
     def leaderboard(self, parent_run_id: str, searched: list[str]) -> list[dict[str, Any]]:
         """One row per trial (its ``searched`` hyperparameters typed, from its config tag),
         best ``best_valid_nll`` first (failed and unscored last), each compared with the
-        best on the validation sequences (:func:`versus_best`)."""
-        rows, scores = [], {}
+        best on the validation sequences (:func:`versus_best`). With ``seeds: N`` a row's
+        figures are its seeds' means, ``seed_se`` the standard error of ``best_valid_nll``
+        over them, and the comparison is of each sequence's NLL averaged over the seeds."""
+        rows, scores, seeded = [], {}, {}
+        for run in self.seed_runs(parent_run_id):
+            seeded.setdefault(run.data.tags[PARENT_TAG], []).append(self.held_out(run))
         for run in self.children(parent_run_id):
-            scores[run.info.run_id] = self.held_out(run)
+            members = seeded.get(run.info.run_id)
+            scores[run.info.run_id] = HeldOutScores.mean(members) if members else self.held_out(run)
             metrics, config = run.data.metrics, json.loads(run.data.tags[CONFIG_TAG])
             rows.append(
                 {
@@ -183,6 +217,8 @@ class SweepTracker:
                     "best_valid_nll": metrics.get("best_valid_nll", math.nan),
                     "test_nll": metrics.get("test_nll", math.nan),
                     **{key: metrics.get(key, math.nan) for key in SELECTION_METRICS},
+                    **({"seeds": int(metrics.get("seeds", len(seeded.get(run.info.run_id, [])))), "seed_se": metrics.get("seed_se", math.nan)}
+                       if seeded else {}),
                     "epochs": int(metrics.get("epoch", 0)),
                     "run_id": run.info.run_id,
                 }

@@ -82,7 +82,7 @@ def _trainable(spec: SweepSpec, setup: TrialSetup):
 def fixed_params(spec: SweepSpec) -> dict[str, Any]:
     """Everything a trial's hyperparameters do not say, logged on every child run: the
     family's declared hyperparameters at their defaults where the sweep leaves them out,
-    the training settings, restarts and resources."""
+    the training settings, restarts, outer seeds and resources."""
     declared = FAMILIES[spec.model].hyperparameters.model_fields
     return {
         "model": spec.model,
@@ -91,6 +91,7 @@ def fixed_params(spec: SweepSpec) -> dict[str, Any]:
         **spec.train.model_dump(),
         "restarts_screen": spec.restarts.screen,
         "restarts_keep": spec.restarts.keep,
+        "seeds": spec.seeds,
         "resources_cpu": spec.resources.cpu,
         "resources_gpu": spec.resources.gpu,
     }
@@ -213,6 +214,7 @@ def run_sweep(
         screen=spec.restarts.screen,
         keep=spec.restarts.keep,
         checkpoint_every=spec.checkpoint_every,
+        seeds=spec.seeds,
         module=FAMILIES[spec.model].__module__,
     )
     tracker = SweepTracker(uri, spec.name)

@@ -20,6 +20,7 @@ from ray import tune
 
 from trainables.data import Dataset, load_dataset
 from trainables.checkpoint import load_checkpoint
+from trainables.trainable import seed_directory, seed_key
 from trainables.selection import SELECTION_METRICS, best_per_value, recommend
 
 from .mlflow_layout import INTERRUPTED_TAG, TRIAL_TAG, SweepTracker, is_scored
@@ -84,18 +85,40 @@ class MLflowTrialLogger(tune.Callback):
             )
         return run_ids[trial.trial_id]
 
+    def _seed_run_ids(self, trial) -> list[str]:
+        """The seed runs of ``trial`` (``seeds: N``; none otherwise), member ``S`` seeded
+        ``seed + S``."""
+        seeds = self._cache.setdefault("seed_runs", {})
+        if trial.trial_id not in seeds:
+            first = trial.config.get("seed", self.fixed_params.get("seed", 0))
+            seeds[trial.trial_id] = [
+                self.tracker.seed_run_for(
+                    self.parent_run_id, self._run_id(trial), trial.trial_id, seed, {**trial.config, "seed": first + seed}
+                )
+                for seed in range(self.seeds if self.seeds > 1 else 0)
+            ]
+        return seeds[trial.trial_id]
+
+    @property
+    def seeds(self) -> int:
+        return int(self.fixed_params.get("seeds", 1))
+
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._run_id(trial)
+        self._seed_run_ids(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         run_id = self._run_id(trial)
         step, now = int(result["epoch"]), int(time.time() * 1000)
-        metrics = [Metric(k, float(result[k]), now, step) for k in EPOCH_METRICS if k in result]
+        metrics = [Metric(k, float(result[k]), now, step) for k in (*EPOCH_METRICS, "seed_se") if k in result]
         metrics.append(Metric("epoch", float(step), now, step))
         tags = [RunTag("ray.node_id", str(result.get("node_id", ""))), RunTag("hostname", str(result.get("hostname", "")))]
         if "engine" in result:  # the engine's path: compiled, torch or scan (pyrosweep --engine)
             tags.append(RunTag("engine", str(result["engine"])))
         self.tracker.client.log_batch(run_id, metrics=metrics, tags=tags)
+        for seed, seed_run in enumerate(self._seed_run_ids(trial)):
+            own = [Metric(k, float(result[seed_key(seed, k)]), now, step) for k in EPOCH_METRICS if seed_key(seed, k) in result]
+            self.tracker.client.log_batch(seed_run, metrics=[*own, Metric("epoch", float(step), now, step)])
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         run_id = self._run_id(trial)
@@ -104,14 +127,17 @@ class MLflowTrialLogger(tune.Callback):
             self._log_artifacts(run_id, trial)
         except Exception as error:  # the run still ends, with what went wrong
             client.set_tag(run_id, "artifact_error", f"{type(error).__name__}: {error}"[:ERROR_TAG_LIMIT])
+        for seed_run in self._seed_run_ids(trial):
+            client.set_terminated(seed_run, "FINISHED")
         client.set_terminated(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         run_id = self._run_id(trial)
         error = _trial_error(trial)
-        self.tracker.client.set_tag(run_id, "error", error[-ERROR_TAG_LIMIT:])
+        for failed in (*self._seed_run_ids(trial), run_id):
+            self.tracker.client.set_tag(failed, "error", error[-ERROR_TAG_LIMIT:])
+            self.tracker.client.set_terminated(failed, "FAILED")
         self.tracker.client.log_text(run_id, error, "error.txt")
-        self.tracker.client.set_terminated(run_id, "FAILED")
 
     def _log_artifacts(self, run_id: str, trial) -> None:
         client = self.tracker.client
@@ -122,7 +148,11 @@ class MLflowTrialLogger(tune.Callback):
             if trial.checkpoint is None:
                 return
             with trial.checkpoint.as_directory() as directory:
-                client.log_artifacts(run_id, directory, "checkpoint")
+                for path in sorted(Path(directory).iterdir()):  # the best member's; each seed's goes to its run
+                    if path.is_file():
+                        client.log_artifact(run_id, str(path), "checkpoint")
+                for seed, seed_run in enumerate(self._seed_run_ids(trial)):
+                    client.log_artifacts(seed_run, str(Path(directory) / seed_directory(seed)), "checkpoint")
                 model = load_checkpoint(directory)
             picture = model_picture_png(model, self.data.splits["valid"], Path(scratch) / "model.png")
             client.log_artifact(run_id, str(picture))
@@ -148,7 +178,7 @@ def write_leaderboard_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 def interrupt_parent(tracker: SweepTracker, parent_run_id: str, reason: str) -> None:
     """End an interrupted sweep's runs FAILED with ``reason`` (``--resume`` reopens them)."""
     client = tracker.client
-    for run in [*tracker.children(parent_run_id), client.get_run(parent_run_id)]:
+    for run in [*tracker.seed_runs(parent_run_id), *tracker.children(parent_run_id), client.get_run(parent_run_id)]:
         if run.info.status == "RUNNING":
             client.set_tag(run.info.run_id, INTERRUPTED_TAG, reason)
             client.set_terminated(run.info.run_id, "FAILED")
@@ -160,7 +190,7 @@ def finish_parent(
     """End the sweep: every child ends FINISHED or FAILED (whatever happened to the driver
     before), the parent gets the leaderboard CSV, the search plot and the best trial."""
     client = tracker.client
-    for run in tracker.children(parent_run_id):
+    for run in [*tracker.seed_runs(parent_run_id), *tracker.children(parent_run_id)]:
         if run.info.status == "RUNNING":
             error = trial_errors.get(run.data.tags.get(TRIAL_TAG, ""))
             if error:

@@ -24,7 +24,7 @@ from ray import tune
 
 from cluster.sweep import run_sweep
 from cluster.sweep_file import load_sweep_file, num_trials
-from cluster.mlflow_layout import PARENT_TAG, TRIAL_TAG
+from cluster.mlflow_layout import PARENT_TAG, SEED_TAG, TRIAL_TAG, SweepTracker
 from cluster.promote import promote
 from cluster.serving import ServeOptions, serving
 from helpers import free_port, get, mlflow_runs, post, write_sweep
@@ -315,6 +315,49 @@ def test_a_trial_trains_its_kept_candidates_as_one_batched_model(tmp_path, ray_a
     order = [chosen, *(i for i in range(4) if i != chosen)]
     paths = [decoded_states(alone[i].model, data.splits["valid"]) for i in order]
     assert result.metrics["restart_ari"] == pytest.approx(restart_agreement(paths), abs=1e-6)
+
+
+SEEDS_SWEEP = """
+name: seeds
+model: hmm
+data: {name: synthetic-hmm, num_sequences: 30, length: 12, hidden_dim: 2}
+train: {epochs: 4, batch_size: 10, patience: 50, lr: 0.05, seed: 10}
+search:
+  hidden_dim: {grid: [2, 3]}
+restarts: {screen: 2, keep: 1}
+seeds: 3
+max_concurrent: 2
+"""
+
+
+def test_seeds_repeat_each_configuration_and_the_trial_reports_their_mean(tmp_path, ray_address):
+    """``seeds: 3``: each trial trains three members seeded 10, 11, 12; its run has their
+    means (what Tune saw) and the best member's checkpoint; each member has a nested run."""
+    path = tmp_path / "seeds.yaml"
+    path.write_text(SEEDS_SWEEP)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    outcome = run_sweep(load_sweep_file(path), tracking=uri, storage=str(tmp_path / "ray"))
+    client, parents, children = mlflow_runs(uri, "seeds")
+    seed_runs = SweepTracker(uri, "seeds").seed_runs(parents[0].info.run_id)
+    assert len(children) == 2 and len(seed_runs) == 6
+    assert {run.info.status for run in [*children, *seed_runs]} == {"FINISHED"}
+    for child in children:
+        members = sorted((r for r in seed_runs if r.data.tags[PARENT_TAG] == child.info.run_id), key=lambda r: r.data.tags[SEED_TAG])
+        assert [json.loads(r.data.tags["pyrosweep.config"])["seed"] for r in members] == [10, 11, 12]
+        best = [r.data.metrics["best_valid_nll"] for r in members]
+        assert child.data.metrics["best_valid_nll"] == pytest.approx(np.mean(best), rel=1e-12)
+        assert child.data.metrics["seed_se"] == pytest.approx(np.std(best, ddof=1) / np.sqrt(3), rel=1e-9)
+        mean_curve = np.mean([[m.value for m in sorted(client.get_metric_history(r.info.run_id, "valid_nll"), key=lambda m: m.step)] for r in members], axis=0)
+        curve = [m.value for m in sorted(client.get_metric_history(child.info.run_id, "valid_nll"), key=lambda m: m.step)]
+        np.testing.assert_allclose(curve, mean_curve, rtol=1e-12)
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")}
+        assert not any("seed_" in a for a in artifacts), "each member's checkpoint is in its own run"
+        saved = json.loads(Path(client.download_artifacts(child.info.run_id, "checkpoint/config.json", str(tmp_path))).read_text())
+        assert saved["valid_nll"] == pytest.approx(min(best)), "the trial's model is its best member's"
+        for member in members:
+            assert {"checkpoint/model.pt", f"checkpoint/{HELD_OUT}"} <= {a.path for a in client.list_artifacts(member.info.run_id, "checkpoint")}
+    assert all(row["seeds"] == 3 and row["seed_se"] > 0 for row in outcome.leaderboard)
+    assert outcome.leaderboard[0]["verdict"] == "best"
 
 
 METHODS_SWEEP = """

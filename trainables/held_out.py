@@ -52,6 +52,23 @@ class HeldOutScores:
             )
         return paired_bootstrap(self.nll[split], other.nll[split], self.frames[split])
 
+    @classmethod
+    def mean(cls, members: list[HeldOutScores | None]) -> HeldOutScores | None:
+        """Each sequence's NLL averaged over ``members`` (one configuration's seeds, scored
+        on the same sequences), exact if all are; None if any has no scores."""
+        if not members or any(member is None for member in members):
+            return None
+        first = members[0]
+        for member in members[1:]:
+            if member.fingerprints != first.fingerprints:
+                raise ValueError("a configuration's seeds were scored on different sequences")
+        return cls(
+            nll={split: np.mean([member.nll[split] for member in members], axis=0) for split in first.nll},
+            frames=first.frames,
+            fingerprints=first.fingerprints,
+            exact=all(member.exact for member in members),
+        )
+
     def write(self, directory: str | Path) -> Path:
         """``directory/held_out.parquet``."""
         splits = list(self.nll)

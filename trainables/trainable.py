@@ -7,7 +7,8 @@ after every epoch the metrics of the candidate the training objective prefers (w
 ``setup_s``, the seconds from the trial's start to its first SVI step, and
 ``peak_rss_mb``, the worker's peak memory), checkpoints every ``checkpoint_every`` epochs
 and at the end, and resumes from ``tune.get_checkpoint()`` after a failure or an
-interrupted sweep.
+interrupted sweep. With ``seeds: N`` a trial is N such members, seeded one after the
+other, and reports their means (:func:`combined_metrics`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class TrialSetup:
     screen: int = 1
     keep: int = 1
     checkpoint_every: int = 5
+    seeds: int = 1  # outer seeds: members of one trial, each with its own restarts
     module: str | None = None  # the module that registers the family, imported in the worker
 
 
@@ -94,7 +96,7 @@ def _inject_fault(fault: dict[str, Any] | None, epoch: int, restored: bool, trai
 class Trial:
     """The candidates of one trial and their reporting."""
 
-    def __init__(self, config: dict[str, Any], setup: TrialSetup) -> None:
+    def __init__(self, config: dict[str, Any], setup: TrialSetup, saved: list[dict[str, Any]] | None = None) -> None:
         started = time.perf_counter()
         model_kwargs, train_kwargs = split_config(setup, config)
         resources = tune.get_context().get_trial_resources().required_resources
@@ -109,12 +111,13 @@ class Trial:
         self.trainers = self._trainers(model_kwargs)
         # every candidate as (trainer, index in that trainer)
         self.candidates = [(t, i) for t in self.trainers for i in range(len(t.candidates))]
-        self.restored = self._restore()
+        self.restored = saved is not None
+        for trainer, state in zip(self.trainers, saved or []):
+            trainer.load_state_dict(state)
         self._best_scores: tuple[tuple[int, int], tuple[dict[str, float], HeldOutScores]] | None = None
         first = self.trainers[0]
         self.engine = engine_path(first.model, first.splits["train"], first.device)
         self.setup_s = time.perf_counter() - started
-        self.epoch_s = 0.0
 
     def _trainers(self, model_kwargs: dict[str, Any]) -> list[Trainer]:
         """One trainer for the ``keep`` best of ``screen`` draws, batched, or one per
@@ -136,16 +139,6 @@ class Trial:
         )
         self.screening = [loss for loss in losses.tolist() if math.isfinite(loss)]
         return [trainer(start) for start in starts] if model.network_parameters() else [trainer(starts)]
-
-    def _restore(self) -> bool:
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            return False
-        with checkpoint.as_directory() as directory:
-            states = torch.load(Path(directory) / TRIAL_STATE, weights_only=True, map_location="cpu")
-        for trainer, state in zip(self.trainers, states):
-            trainer.load_state_dict(state)
-        return True
 
     @property
     def epoch(self) -> int:
@@ -177,7 +170,6 @@ class Trial:
             "epoch": self.epoch,
             "train_loss": last.train_loss,
             "valid_nll": last.valid_nll,
-            "epoch_s": self.epoch_s,
             "setup_s": self.setup_s,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "best_valid_nll": candidate.best_valid,
@@ -209,34 +201,99 @@ class Trial:
         order = [chosen, *(index for index in range(len(self.candidates)) if index != chosen)]
         return {"restart_ari": restart_agreement([decoded_states(self.best_model(index), valid) for index in order])}
 
-    def checkpoint(self, directory: str) -> tune.Checkpoint:
-        """The state of every candidate, plus the chosen one's best model as a plain
-        checkpoint (``model.pt``, ``config.json``) for artifacts and promotion, with its
-        held-out scores (``held_out.parquet``)."""
-        torch.save([trainer.state_dict() for trainer in self.trainers], Path(directory) / TRIAL_STATE)
+    @property
+    def done(self) -> bool:
+        return all(trainer.done for trainer in self.trainers)
+
+    def run_epoch(self) -> None:
+        """An epoch of every candidate still training."""
+        for trainer in self.trainers:
+            if not trainer.done:
+                _inject_fault(self.fault, trainer.epoch + 1, self.restored, trainer)
+                trainer.run_epoch()
+
+    def state(self) -> list[dict[str, Any]]:
+        """Every trainer's state, to go on from (``saved``)."""
+        return [trainer.state_dict() for trainer in self.trainers]
+
+    def save(self, directory: str | Path) -> None:
+        """The chosen candidate's best model as a plain checkpoint (``model.pt``,
+        ``config.json``) with its held-out scores (``held_out.parquet``)."""
         index = self.chosen()
         candidate = self.record(index)
         save_checkpoint(self.best_model(index), directory, best_epoch=candidate.best_epoch, valid_nll=candidate.best_valid)
         self.best_scores(index)[1].write(directory)
-        return tune.Checkpoint.from_directory(directory)
 
-    def run(self) -> None:
-        while not all(trainer.done for trainer in self.trainers):
-            started = time.perf_counter()
-            for trainer in self.trainers:
-                if not trainer.done:
-                    _inject_fault(self.fault, trainer.epoch + 1, self.restored, trainer)
-                    trainer.run_epoch()
-            self.epoch_s = time.perf_counter() - started
-            finished = all(trainer.done for trainer in self.trainers)
-            if finished or self.epoch % self.setup.checkpoint_every == 0:
-                metrics = {**self.metrics(), **(self.stability() if finished else {})}
-                with tempfile.TemporaryDirectory() as directory:
-                    tune.report(metrics, checkpoint=self.checkpoint(directory))
-            else:
-                tune.report(self.metrics())
+
+def seed_directory(seed: int) -> str:
+    """Where outer seed ``seed``'s model is in a trial checkpoint of ``seeds: N``."""
+    return f"seed_{seed}"
+
+
+def seed_key(seed: int, key: str) -> str:
+    """Outer seed ``seed``'s metric ``key`` in a trial's result."""
+    return f"{seed_directory(seed)}/{key}"
+
+
+def combined_metrics(members: list[Trial]) -> dict[str, Any]:
+    """The result of a trial of ``seeds: N`` (N members): every number the members share
+    is their mean (what the searcher and ASHA see), ``seed_se`` is the standard error of
+    ``best_valid_nll`` over the seeds, ``seeds`` is N, and each member's own numbers are
+    there as ``seed_S/KEY``; words (node, engine) are the first member's."""
+    each = [member.metrics() for member in members]
+    metrics = dict(each[0])
+    for key, value in each[0].items():
+        if type(value) is float and all(key in m for m in each):
+            metrics[key] = sum(m[key] for m in each) / len(each)
+    best = [m["best_valid_nll"] for m in each]
+    mean = sum(best) / len(best)
+    metrics.update(seeds=len(each), seed_se=math.sqrt(sum((b - mean) ** 2 for b in best) / (len(best) - 1) / len(best)))
+    for seed, own in enumerate(each):
+        metrics.update({seed_key(seed, key): value for key, value in own.items() if isinstance(value, (int, float))})
+    return metrics
+
+
+def _saved_states() -> Any:
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / TRIAL_STATE, weights_only=True, map_location="cpu")
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """The function trainable: ``tune.with_parameters(run_trial, setup=...)``."""
-    Trial(config, setup).run()
+    """The function trainable: ``tune.with_parameters(run_trial, setup=...)``. A trial of
+    ``seeds: N`` trains N members, seeded ``seed, seed + 1, ...``, an epoch each in turn,
+    and reports :func:`combined_metrics`; its checkpoint holds the best member's model at
+    the top and each member's under ``seed_S/``."""
+    saved = _saved_states()
+    if setup.seeds == 1:
+        members = [Trial(config, setup, saved)]
+    else:
+        first = config.get("seed", setup.train.get("seed", 0))
+        members = [
+            Trial({**config, "seed": first + seed}, setup, saved[seed] if saved else None) for seed in range(setup.seeds)
+        ]
+    while not all(member.done for member in members):
+        started = time.perf_counter()
+        for member in members:
+            if not member.done:
+                member.run_epoch()
+        finished = all(member.done for member in members)
+        metrics = members[0].metrics() if len(members) == 1 else combined_metrics(members)
+        metrics["epoch"] = max(member.epoch for member in members)
+        metrics["epoch_s"] = time.perf_counter() - started
+        if finished:
+            metrics.update(members[0].stability() if len(members) == 1 else {})
+        if not (finished or metrics["epoch"] % setup.checkpoint_every == 0):
+            tune.report(metrics)
+            continue
+        with tempfile.TemporaryDirectory() as directory:
+            states = members[0].state() if len(members) == 1 else [member.state() for member in members]
+            torch.save(states, Path(directory) / TRIAL_STATE)
+            best = min(members, key=lambda member: member.record(member.chosen()).best_valid)
+            best.save(directory)
+            if len(members) > 1:
+                for seed, member in enumerate(members):
+                    member.save(Path(directory) / seed_directory(seed))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))

@@ -76,6 +76,8 @@ def describe_plan(spec: SweepSpec) -> str:
         ("search", search_lines[0] if search_lines else "(nothing)"),
         *(("", line) for line in search_lines[1:]),
         ("restarts", _describe_restarts(spec.restarts)),
+        *([("seeds", f"{spec.seeds} outer seeds per trial (seed, seed + 1, ...): the searcher and ASHA see their mean")]
+          if spec.seeds > 1 else []),
         ("trials", _describe_trials(spec)),
         ("metric", f"{spec.metric} ({spec.mode})"),
         ("scheduler", _describe_scheduler(spec)),

@@ -83,6 +83,7 @@ class SweepSpec(_Section):
     search: dict[str, Any]
     restarts: Restarts = Field(default_factory=Restarts)
     num_samples: int = Field(1, ge=1)
+    seeds: int = Field(1, ge=1, le=100)  # outer seeds per configuration: the searcher and ASHA see their mean
     metric: Literal["valid_nll"] = "valid_nll"
     scheduler: Scheduler = Field(default_factory=Scheduler)
     search_alg: SearchAlg = Field(default_factory=SearchAlg)
