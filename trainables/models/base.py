@@ -17,7 +17,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions import Distribution
-from pyro.infer import Trace_ELBO
+from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta
 from pyro.nn import PyroModule
 from torch.distributions import transform_to
@@ -91,11 +91,15 @@ class SequenceModel(PyroModule):
     def training_loss(
         self, x: torch.Tensor, lengths: torch.Tensor | None, scale: float = 1.0, **extra: Any
     ) -> torch.Tensor:
-        """The differentiable ``Trace_ELBO`` loss of ``model`` and ``guide`` on a batch
+        """The differentiable loss of :meth:`elbo` for ``model`` and ``guide`` on a batch
         (``extra``: ``training_kwargs``). Pyro's per-site argument validation is off: data
         are checked at load and the trainer checks the loss."""
         with pyro.validation_enabled(False):
-            return Trace_ELBO().differentiable_loss(self.model, self.guide, x, lengths, scale=scale, **extra)
+            return self.elbo().differentiable_loss(self.model, self.guide, x, lengths, scale=scale, **extra)
+
+    def elbo(self) -> ELBO:
+        """The training objective: ``Trace_ELBO`` (every term estimated by sampling)."""
+        return Trace_ELBO()
 
     @classmethod
     def supports_em(cls) -> bool:
