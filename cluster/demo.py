@@ -1,6 +1,7 @@
 """``pyrosweep demo``: the whole loop on embedded defaults (local Ray, the embedded MLflow
-store, local Serve): prepare ``jsb``, run a small ``hmm`` sweep, promote the winner, serve
-it on 127.0.0.1, score and decode two test chorales over HTTP, shut everything down."""
+store, local Serve): prepare ``jsb``, run a small sweep of each of two families (``hmm``,
+``nnhmm``), promote the family whose best trial wins on the validation chorales, serve it
+on 127.0.0.1, score and decode two test chorales over HTTP, shut everything down."""
 
 from __future__ import annotations
 
@@ -12,19 +13,34 @@ from pathlib import Path
 from trainables.data import dataset_summary, load_dataset
 
 from .home import tracking_uri
+from .mlflow_layout import SweepTracker
 from .promote import promote
 from .remote import ray_session
 from .serving import ServeOptions, serving
-from .sweep import run_sweep
+from .sweep import SweepOutcome, run_sweep
 from .sweep_file import load_sweep_file
 
-DEMO_SWEEP = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_SWEEPS = [Path(__file__).resolve().parents[1] / "configs" / name for name in ("demo.yaml", "demo-nnhmm.yaml")]
 
 
 def _post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.load(response)
+
+
+def _winner(outcomes: dict[str, SweepOutcome]) -> str:
+    """The sweep whose best trial has the lower validation NLL, said with the paired 95%
+    interval of the difference over the same validation chorales."""
+    (first, a), (second, b) = outcomes.items()
+    tracker = SweepTracker(a.tracking_uri, first)
+    scores = [tracker.held_out(tracker.client.get_run(outcome.best["run_id"])) for outcome in (a, b)]
+    comparison = scores[1].compare(scores[0], "valid")
+    winner, loser = (second, first) if comparison.difference < 0 else (first, second)
+    verdict = "tied on these chorales" if comparison.tied else f"{winner} wins"
+    print(f"\n   {second} minus {first} on the same {comparison.n} validation chorales: "
+          f"{comparison.describe()} nats per frame (95% CI): {verdict}; promoting {winner}")
+    return winner
 
 
 def run_demo(port: int = 8000) -> None:
@@ -34,15 +50,18 @@ def run_demo(port: int = 8000) -> None:
     for row in dataset_summary(data):
         print(f"   {row['split']:5s} {row['sequences']:4d} chorales, {row['frames']:6d} frames")
 
-    spec = load_sweep_file(DEMO_SWEEP)
-    print(f"\n2. sweep {spec.name} ({DEMO_SWEEP.name}) on a local Ray ...", flush=True)
-    with ray_session(None, tracking_uri()):  # one local Ray for the sweep and for Serve
-        outcome = run_sweep(spec)
-        best = outcome.best
-        print(f"   best trial {best['trial']}: hidden_dim {best['hidden_dim']}, valid NLL "
-              f"{best['best_valid_nll']:.3f}, test NLL {best['test_nll']:.3f} nats per frame")
-
-        promoted = promote(outcome.tracking_uri, spec.name)
+    with ray_session(None, tracking_uri()):  # one local Ray for the sweeps and for Serve
+        outcomes = {}
+        for path in DEMO_SWEEPS:
+            spec = load_sweep_file(path)
+            print(f"\n2. sweep {spec.name} ({path.name}, {spec.model}) on a local Ray ...", flush=True)
+            outcomes[spec.name] = outcome = run_sweep(spec)
+            best = outcome.best
+            print(f"   best trial {best['trial']}: hidden_dim {best['hidden_dim']}, valid NLL "
+                  f"{best['best_valid_nll']:.3f}, test NLL {best['test_nll']:.3f} nats per frame")
+        name = _winner(outcomes)
+        outcome = outcomes[name]
+        promoted = promote(outcome.tracking_uri, name)
         model_uri = f"models:/{promoted['name']}@{promoted['alias']}"
         print(f"\n3. promoted: {model_uri} -> version {promoted['version']}")
 
@@ -60,5 +79,5 @@ def run_demo(port: int = 8000) -> None:
               f"({-log_likelihood / frames:.3f} per frame)")
         print(f"      Viterbi states: {' '.join(map(str, states[:24]))}{' ...' if frames > 24 else ''}")
     print("\n5. served and shut down. Browse the runs:")
-    print(f"   pyrosweep runs --experiment {spec.name}    or    pyrosweep ui   (store: {tracking_uri()})")
+    print(f"   pyrosweep runs --experiment {name}    or    pyrosweep ui   (store: {tracking_uri()})")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")

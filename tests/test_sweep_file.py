@@ -76,11 +76,23 @@ EXPECTED_CONFIGS = {
     "dmm-jsb.yaml": (
         {
             "hidden_dim": lambda d: d == 16,
-            "rnn_dim": lambda d: d == 64,
-            "lr": lambda d: d == {"grid_search": [0.003, 0.01]},
+            "rnn_dim": lambda d: d == 128,
+            "elbo": lambda d: d == {"grid_search": ["trace", "mean-field"]},
         },
         2,
     ),
+    **{
+        name: (
+            {
+                "hidden_dim": lambda d: d == {"grid_search": [36, 48]},
+                "nn_dim": lambda d: d == {"grid_search": [192, 256]},
+                "lr": lambda d: d == {"grid_search": [0.005, 0.01]},
+            },
+            8,
+        )
+        for name in ("nnhmm-jsb.yaml", "nnhmm-jsb-c.yaml")
+    },
+    "demo-nnhmm.yaml": ({"hidden_dim": lambda d: d == 16, "nn_dim": lambda d: d == 96}, 1),
     "demo.yaml": (
         {"hidden_dim": lambda d: d == {"grid_search": [8, 16]}, "lr": lambda d: d == 0.05, "seed": lambda d: d == 0},
         2,
