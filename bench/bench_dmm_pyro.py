@@ -24,7 +24,6 @@ import types
 from pathlib import Path
 
 import pyro
-import torch
 
 from common import machine, setup_threads
 from trainables.data import load_dataset

@@ -277,6 +277,7 @@ def test_driver_stopped_then_resume_finishes_the_same_sweep(tmp_path, ray_addres
     assert runs.returncode == 0, table
     for child in children:
         assert child.data.tags[TRIAL_TAG] in table
+    assert "vs_best [95% CI]" in table and "+0.0000 [+0.0000, +0.0000]  best" in table
 
 
 def test_a_trial_trains_its_kept_candidates_as_one_batched_model(tmp_path, ray_address):
