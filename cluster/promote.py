@@ -200,7 +200,7 @@ def _versus_previous(
     try:
         comparison = winner.compare(champion, "test")
     except ValueError as error:
-        refuse(f"version {previous} of {name} {error}; promote under another --name")
+        refuse(f"the winner and version {previous} of {name}: {error}; promote under another --name")
         return None
     if not champion.exact and winner.exact:
         refuse(f"version {previous}'s test NLL is a bound, so beating it does not show the winner is better")

@@ -178,7 +178,7 @@ def test_require_better_accepts_a_clearly_better_model_only_and_says_why_not(sto
     assert float(tags[f"{VERSUS_TAG}_low"]) < float(tags[VERSUS_TAG]) and int(tags[f"{VERSUS_TAG}_n"]) == better["versus"].n
     with pytest.raises(PromotionRefused, match=r"minus version 2 .*worse; gate stays at version 2"):
         gate("weak")
-    with pytest.raises(PromotionRefused, match="version 2 of gate .*different test sequences.*other data"):
+    with pytest.raises(PromotionRefused, match="the winner and version 2 of gate: .*different test sequences.*other data"):
         gate("other")
     assert sorted(int(v.version) for v in store.client.search_model_versions("name = 'gate'")) == [1, 2], "none refused is registered"
     code = main(["promote", "--experiment", "gate-weak", "--name", "gate", "--require-better", "--tracking-uri", store.uri])
