@@ -57,7 +57,8 @@ def run_demo(port: int = 8000) -> None:
             print(f"\n2. sweep {spec.name} ({path.name}, {spec.model}) on a local Ray ...", flush=True)
             outcomes[spec.name] = outcome = run_sweep(spec)
             best = outcome.best
-            print(f"   best trial {best['trial']}: hidden_dim {best['hidden_dim']}, valid NLL "
+            states = best.get("hidden_dim", spec.search.get("hidden_dim"))  # a row has the searched keys
+            print(f"   best trial {best['trial']}: hidden_dim {states}, valid NLL "
                   f"{best['best_valid_nll']:.3f}, test NLL {best['test_nll']:.3f} nats per frame")
         name = _winner(outcomes)
         outcome = outcomes[name]

@@ -136,6 +136,7 @@ def test_registry_builds_dmm_with_its_hyperparameters():
         "iaf_dim": 8,
         "num_particles": 3,
         "annealing_epochs": 0,
+        "elbo": "trace",
         "minimum_annealing_factor": 0.2,
     }
     assert len(model.iafs) == 2
