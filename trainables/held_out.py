@@ -5,7 +5,7 @@ best epoch, the file ``held_out.parquet`` in its checkpoint (so in MLflow the ar
 One row per sequence: ``split`` (``valid`` or ``test``), ``sequence`` (its index in the
 split), ``frames`` and ``nll`` (nats, the sequence's total, float64). The file's metadata
 says whether the numbers are ``exact`` or a bound (DMM) and holds each split's
-fingerprint (:meth:`trainables.data.Split.fingerprint`), so two trials are compared only
+fingerprint (:attr:`trainables.data.Split.fingerprint`), so two trials are compared only
 on the same sequences. numpy and pyarrow only: the leaderboard reads it without torch.
 """
 

@@ -183,7 +183,7 @@ def held_out_scores(model: SequenceModel, splits: dict[str, Split]) -> HeldOutSc
     return HeldOutScores(
         nll={name: (-sequence_log_likelihoods(model, splits[name])).cpu().numpy() for name in HELD_OUT_SPLITS},
         frames={name: np.asarray(frame_counts(splits[name]), dtype=np.int64) for name in HELD_OUT_SPLITS},
-        fingerprints={name: splits[name].fingerprint() for name in HELD_OUT_SPLITS},
+        fingerprints={name: splits[name].fingerprint for name in HELD_OUT_SPLITS},
         exact=model.exact,
     )
 

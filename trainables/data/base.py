@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -35,9 +36,11 @@ class Split:
     x: torch.Tensor
     lengths: torch.Tensor | None
 
+    @cached_property
     def fingerprint(self) -> str:
         """A SHA-256 of the values and lengths: two splits with the same fingerprint are the
-        same sequences in the same order (what a paired comparison of two models needs)."""
+        same sequences in the same order (what a paired comparison of two models needs).
+        Hashed once per split: a trial asks again every time its best epoch moves."""
         digest = hashlib.sha256(repr(tuple(self.x.shape)).encode())
         digest.update(self.x.detach().cpu().contiguous().numpy().tobytes())
         if self.lengths is not None:
