@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -224,30 +225,49 @@ def cmd_swap(args: argparse.Namespace) -> None:
 
 def cmd_query(args: argparse.Namespace) -> None:
     """POST the body of ``--input`` to ``/v1/METHOD`` and print the answer, checked
-    against the method's answer model (``serve.schemas``)."""
-    import urllib.error
-    import urllib.request
-
+    against the method's answer model (``serve.schemas``); ``filter`` streams each
+    sequence of the input in chunks of ``--chunk`` frames and prints a JSON line a frame,
+    ``forecast`` asks for the ``--horizon`` frames after each sequence."""
     from pydantic import ValidationError
 
-    from serve.schemas import METHODS, check_answer
+    from serve.schemas import METHODS, STREAM_METHODS, check_answer
 
-    if args.method not in METHODS:
-        raise ValueError(f"unknown method {args.method!r}; expected one of {', '.join(METHODS)}")
+    if args.method not in METHODS + STREAM_METHODS:
+        raise ValueError(f"unknown method {args.method!r}; expected one of {', '.join(METHODS + STREAM_METHODS)}")
     body = _read_query_input(args.input, data_options(args))
     url = f"{args.url.rstrip('/')}/v1/{args.method}"
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=args.timeout) as response:
-            answer = json.load(response)
-    except urllib.error.HTTPError as error:
-        raise RuntimeError(f"{error.code}: {json.load(error).get('detail')}") from None
-    except urllib.error.URLError as error:
-        raise RuntimeError(f"cannot reach {args.url}: {error.reason}") from None
+    if args.method in STREAM_METHODS:
+        from .stream_client import filter_lines, forecasts
+
+        sequences = body.get("sequences") if isinstance(body, dict) else None
+        if not sequences:
+            raise ValueError(f"{args.input}: {args.method} takes sequences (a JSON body with 'sequences', an npz with lengths, a table)")
+        post = partial(_post, timeout=args.timeout)
+        lines = filter_lines(post, url, sequences, args.chunk, args.lag) if args.method == "filter" else forecasts(post, url, sequences, args.horizon)
+        for line in lines:
+            print(json.dumps(line), flush=True)
+        return
+    answer = _post(url, body, args.timeout)
     try:
         print(json.dumps(check_answer(args.method, answer)))
     except ValidationError as error:
         raise RuntimeError(f"{url} answered something that is not a {args.method} answer: {error}") from None
+
+
+def _post(url: str, body: Any, timeout: float) -> dict:
+    """The JSON answer of POSTing ``body`` to ``url``; an HTTP error's detail, or an
+    unreachable server, as a ``RuntimeError``."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as error:
+        raise RuntimeError(f"{error.code}: {json.load(error).get('detail')}") from None
+    except urllib.error.URLError as error:
+        raise RuntimeError(f"cannot reach {url}: {error.reason}") from None
 
 
 def _json_values(frames) -> list:
@@ -389,13 +409,16 @@ def build_parser(tokens: Sequence[str] = ()) -> argparse.ArgumentParser:
     swapped.set_defaults(run=cmd_swap)
 
     query = commands.add_parser("query", help="send a request to a served model and print the answer")
-    from serve.schemas import METHODS
+    from serve.schemas import METHODS, STREAM_METHODS
 
-    query.add_argument("method", choices=METHODS)
+    query.add_argument("method", choices=METHODS + STREAM_METHODS)
     query.add_argument("--url", default="http://127.0.0.1:8000")
     query.add_argument("--input", required=True, help="JSON body, .npz with x (N, T, D) and lengths (N,) "
                        "(points: x (N, D) alone), or a table (.csv, .parquet: every sequence in it)")
     query.add_argument("--timeout", type=float, default=60.0)
+    query.add_argument("--chunk", type=int, default=1, help="filter: frames per request (a stream's chunks)")
+    query.add_argument("--lag", type=int, default=None, help="filter: fixed-lag smoothing, p(z[t-lag] | x[<=t])")
+    query.add_argument("--horizon", type=int, default=1, help="forecast: frames ahead of each sequence")
     add_data_arguments(query, built_in=False, splits=False)
     query.set_defaults(run=cmd_query)
 

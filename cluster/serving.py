@@ -21,6 +21,7 @@ from ray import serve
 from serve.app import ModelServer
 from serve.limits import BodyLimits
 from serve.registry import pin_source
+from serve.streams import default_stream_key
 
 from .home import project_home
 from .remote import ray_session
@@ -46,6 +47,9 @@ class ServeOptions:
     # 408 from the proxy; none), how long an idle keep-alive connection stays open (90 s)
     request_timeout_s: float | None = None
     keep_alive_timeout_s: int | None = None
+    # signs stream state tokens: one per server (or $PYROSWEEP_STREAM_KEY, shared by a fleet),
+    # kept across swaps (a token of the old version gets a 409 all the same)
+    stream_key: str = field(default_factory=default_stream_key, repr=False)
 
 
 def pid_file(port: int) -> Path:
@@ -62,7 +66,7 @@ def deployment(options: ServeOptions, user_config: dict[str, Any]):
         **scaling,
         user_config=user_config,
         ray_actor_options={"num_gpus": options.num_gpus, "num_cpus": 1},
-    ).bind(options.max_batch_size, options.body_limits.model_dump())
+    ).bind(options.max_batch_size, options.body_limits.model_dump(), options.stream_key)
 
 
 def http_options(options: ServeOptions) -> dict[str, Any]:

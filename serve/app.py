@@ -25,7 +25,7 @@ holds a small one no longer than the small one's own work (the GIL is shared in 
 
 import asyncio
 import os
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,7 +46,12 @@ from .registry import load_model_version, parse_model_uri, pin_source
 from .schemas import (
     INPUT_REQUESTS,
     PROBLEMS,
+    STREAM_PROBLEMS,
     DecodeAnswer,
+    FilterAnswer,
+    FilterRequest,
+    ForecastAnswer,
+    ForecastRequest,
     Health,
     ModelDescription,
     PosteriorAnswer,
@@ -59,6 +64,7 @@ from .schemas import (
 )
 from .scoring import complete, compute, parse_inputs, read_json, sample_request
 from .scoring import sample as draw_samples
+from .streams import Streams, default_stream_key
 
 MAX_ONGOING_REQUESTS = 1024  # per replica: a slow body waits here as a cheap coroutine
 BATCH_WAIT_S = 0.0  # a batch takes what has queued while the previous one ran, never waits
@@ -125,18 +131,23 @@ def _device() -> str:
 @serve.ingress(api)
 class ModelServer:
     """One replica serving one model version at a time; ``body_limits`` are the fields of
-    :class:`serve.limits.BodyLimits`."""
+    :class:`serve.limits.BodyLimits`; ``stream_key`` signs stream state tokens
+    (:mod:`serve.streams`: every replica of a deployment gets the same)."""
 
-    def __init__(self, max_batch_size: int = 16, body_limits: dict[str, Any] | None = None) -> None:
+    def __init__(self, max_batch_size: int = 16, body_limits: dict[str, Any] | None = None, stream_key: str = "") -> None:
         self.model: torch.nn.Module | None = None
         self.info: dict[str, Any] = {}
+        self.streams: Streams | None = None
         self.body_limits = BodyLimits.model_validate(body_limits or {})
+        self.stream_key = stream_key or default_stream_key()
         self._batched.set_max_batch_size(max_batch_size)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         model, info = load_source(config)
         model = model.to(_device())
-        self.model, self.info = model, {**info, "device": str(next(model.parameters()).device)}
+        info = {**info, "device": str(next(model.parameters()).device)}
+        streams = Streams.of(model, info, self.stream_key)
+        self.model, self.info, self.streams = model, info, streams
 
     def _current(self):
         if self.model is None:
@@ -218,6 +229,30 @@ class ModelServer:
         return _json(await asyncio.to_thread(lambda: write_answer("sample", draw_samples(model, body))))
 
 
+    async def _streamed(self, method: str, request: Request) -> Response:
+        model, streams = self._current(), self.streams
+        body = await self._read(model, request, lambda body: body)
+        text = await asyncio.to_thread(lambda: write_answer(method, getattr(streams, method)(body)))
+        return Response(text, media_type="application/json", headers={"x-pyrosweep-replica": self.replica})
+
+    @cached_property
+    def replica(self) -> str:
+        """This replica's id in Serve (a stream's chunks may be answered by any)."""
+        return serve.get_replica_context().replica_id.unique_id
+
+    @api.post("/v1/filter", response_model=FilterAnswer, responses=STREAM_PROBLEMS, openapi_extra=request_body(FilterRequest))
+    async def filter(self, request: Request) -> Response:
+        """A stream's next ``frames``: ``filtered`` p(z_t | x_<=t), ``per_step``, fixed-lag
+        ``smoothed`` marginals and the ``state`` token for its next chunk (exact HMMs)."""
+        return await self._streamed("filter", request)
+
+    @api.post("/v1/forecast", response_model=ForecastAnswer, responses=STREAM_PROBLEMS, openapi_extra=request_body(ForecastRequest))
+    async def forecast(self, request: Request) -> Response:
+        """The next ``horizon`` frames after ``frames`` and/or a stream's ``state``:
+        ``state_probs``, ``mean`` and, when asked, sampled continuations (exact HMMs)."""
+        return await self._streamed("forecast", request)
+
+
 class AppArgs(BaseModel):
     """Arguments of :func:`build_app` (validated by Ray Serve before the app is built)."""
 
@@ -225,6 +260,7 @@ class AppArgs(BaseModel):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     max_batch_size: int = Field(16, ge=1)
     body_limits: BodyLimits = Field(default_factory=BodyLimits)
+    stream_key: str | None = Field(None, description="key of stream state tokens (default: $PYROSWEEP_STREAM_KEY, else a new one)")
 
 
 def build_app(args: AppArgs) -> Application:
@@ -237,4 +273,5 @@ def build_app(args: AppArgs) -> Application:
     if args.model.startswith("models:/") and not tracking_uri:
         raise ValueError(f"{args.model}: a registry model needs tracking_uri (or $MLFLOW_TRACKING_URI)")
     user_config = pin_source(args.model, tracking_uri)
-    return ModelServer.options(user_config=user_config).bind(args.max_batch_size, args.body_limits.model_dump())
+    bound = (args.max_batch_size, args.body_limits.model_dump(), args.stream_key or default_stream_key())
+    return ModelServer.options(user_config=user_config).bind(*bound)

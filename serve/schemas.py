@@ -24,7 +24,11 @@ MAX_SEQUENCES = 512  # sequences (points) per request
 MAX_FRAMES = 200_000  # frames per request, all sequences together
 MAX_SAMPLE_LENGTH = 10_000
 MAX_SEED = 2**63 - 1
+MAX_LAG = 100  # frames of fixed-lag smoothing: a state token holds two (lag, S) arrays
+MAX_HORIZON = 10_000
+MAX_FORECAST_SAMPLES = 1000
 METHODS = ("score", "decode", "posterior", "sample")
+STREAM_METHODS = ("filter", "forecast")
 
 # a value may be null: missing, integrated out (trainables.models.missing) by a model whose
 # GET /v1/model says missing_values: true
@@ -72,6 +76,51 @@ class SampleRequest(Request):
 
 
 INPUT_REQUESTS = (SequencesRequest, PointsRequest)
+
+STATE_FIELD = Field(
+    None, description="the `state` token of the stream's previous answer (none: a new stream)"
+)
+
+
+class FilterOptions(Request):
+    """The fields of a ``filter`` body besides its ``frames`` (validated by this model)."""
+
+    state: str | None = STATE_FIELD
+    lag: int | None = Field(
+        None, ge=0, le=MAX_LAG, strict=True,
+        description="fixed-lag smoothing: answer p(z[t-lag] | x[<=t]) too; set by a stream's first "
+        "chunk, kept by its token",
+    )  # fmt: skip
+
+
+class FilterRequest(FilterOptions):
+    """The body of ``filter``: the next frames of a stream (any replica answers any chunk)."""
+
+    frames: list[Frame] = Field(
+        min_length=1, max_length=MAX_FRAMES, description="the stream's next frames of data_dim numbers (null where missing)",
+        examples=[[[0.0, 1.0], [1.0, 1.0]]],
+    )
+
+
+class ForecastOptions(Request):
+    """The fields of a ``forecast`` body besides its ``frames`` (validated by this model)."""
+
+    state: str | None = STATE_FIELD
+    horizon: int = Field(ge=1, le=MAX_HORIZON, strict=True, description="how many frames ahead")
+    num_samples: int = Field(
+        0, ge=0, le=MAX_FORECAST_SAMPLES, strict=True,
+        description=f"sampled continuations to return; num_samples x horizon <= {MAX_FRAMES}",
+    )  # fmt: skip
+    seed: int = Field(0, ge=0, le=MAX_SEED, strict=True, description="the same seed gives the same draws")
+
+
+class ForecastRequest(ForecastOptions):
+    """The body of ``forecast``: after ``frames`` (a stream's next ones, or a whole sequence),
+    after ``state`` (a stream so far), or both."""
+
+    frames: list[Frame] | None = Field(
+        None, min_length=1, max_length=MAX_FRAMES, description="frames to filter first (null where missing)"
+    )
 
 
 # Answers
@@ -147,7 +196,35 @@ class SampleAnswer(Answer):
     )
 
 
+class FilterAnswer(Answer):
+    filtered: list[list[float]] = Field(description="p(z_t | x_<=t) for each new frame (n, K)")
+    per_step: list[float] = Field(description="log p(x_t | x_<t) for each new frame (n,), in nats")
+    smoothed: list[list[float]] = Field(
+        description="p(z[t-lag] | x[<=t]) for each new frame t >= lag (m, K): the marginals of frames "
+        "smoothed_start .. smoothed_start + m - 1"
+    )
+    smoothed_start: int = Field(description="the frame of smoothed[0]")
+    lag: int = Field(description="the stream's lag (0: smoothed equals filtered)")
+    frames_seen: int = Field(description="frames of the stream so far, these included")
+    state: str = Field(description="the token to send with the stream's next chunk (signed; for this model version only)")
+
+
+class ForecastAnswer(Answer):
+    state_probs: list[list[float]] = Field(description="p(z[t+h] | x[<=t]) for h = 1..horizon (H, K)")
+    mean: list[list[float]] = Field(
+        description="E[x[t+h] | x[<=t]] (H, D): for binary keys the probability that a key is on"
+    )
+    mean_exact: bool = Field(
+        description="false where the means after the first step are averages of draws (emissions that "
+        "read the previous frame: arhmm, nnhmm)"
+    )
+    samples: list[list[list[float]]] | None = Field(None, description="num_samples continuations (S, H, D), when asked")
+    frames_seen: int = Field(description="frames of the stream the forecast starts after")
+
+
 ANSWERS: dict[str, type[BaseModel]] = {
+    "filter": FilterAnswer,
+    "forecast": ForecastAnswer,
     "score": ScoreAnswer,
     "decode": DecodeAnswer,
     "posterior": PosteriorAnswer,
@@ -197,6 +274,12 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
 }
 
 
+STREAM_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    **PROBLEMS,
+    409: {"model": Problem, "description": "a state token this server did not sign, or signed for another model version"},
+}
+
+
 def check_answer(method: str, answer: dict[str, Any]) -> dict[str, Any]:
     """``answer`` itself when it fits ``method``'s answer model (else pydantic's
     ``ValidationError``, a ``ValueError``)."""
@@ -208,7 +291,7 @@ def write_answer(method: str, answer: dict[str, Any]) -> str:
     """``answer`` validated against ``method``'s answer model and written as JSON by it
     (by the model itself: FastAPI's own writing of a union answer turns non-finite
     numbers into null)."""
-    return ANSWERS[method].model_validate(answer).model_dump_json()
+    return ANSWERS[method].model_validate(answer).model_dump_json(exclude_unset=True)
 
 
 def request_body(*models: type[BaseModel]) -> dict[str, Any]:
@@ -221,6 +304,6 @@ def request_body(*models: type[BaseModel]) -> dict[str, Any]:
 
 def request_components() -> dict[str, Any]:
     """The JSON schemas of the request models, for the OpenAPI document's components."""
-    models = [(model, "validation") for model in (*INPUT_REQUESTS, SampleRequest)]
+    models = [(model, "validation") for model in (*INPUT_REQUESTS, SampleRequest, FilterRequest, ForecastRequest)]
     _, schemas = models_json_schema(models, ref_template="#/components/schemas/{model}")
     return schemas["$defs"]

@@ -107,7 +107,7 @@ def _fast_frames(frames: list, width: int, observation: str, missing: bool) -> n
     return array
 
 
-def _frames(frames: list, where: str, model: SequenceModel) -> np.ndarray:
+def parse_frames(frames: list, where: str, model: SequenceModel) -> np.ndarray:
     """``frames`` (a list of frames or of points) as a ``(len(frames), data_dim)`` array, or
     the ``RequestError`` of the first bad frame ``where[t]``."""
     declared = model.data_dim, model.observation, model.missing_values
@@ -138,7 +138,7 @@ def parse_inputs(model: SequenceModel, body: Any) -> list[np.ndarray]:
     model's ``data_kind``): float64 arrays, ``(T_i, D)`` per sequence or ``(D,)`` per point."""
     key, width = model.data_kind, model.data_dim
     if key == "points":
-        return list(_frames(_items(body, key, f"points of {width} values"), key, model))
+        return list(parse_frames(_items(body, key, f"points of {width} values"), key, model))
     sequences = _items(body, key, f"sequences of frames of {width} values")
     total = sum(len(s) for s in sequences if isinstance(s, list))
     if total > MAX_FRAMES:
@@ -147,7 +147,7 @@ def parse_inputs(model: SequenceModel, body: Any) -> list[np.ndarray]:
     for n, sequence in enumerate(sequences):
         if not isinstance(sequence, list) or not sequence:
             raise RequestError(422, f"sequences[{n}]: expected a non-empty list of frames")
-        parsed.append(_frames(sequence, f"sequences[{n}]", model))
+        parsed.append(parse_frames(sequence, f"sequences[{n}]", model))
     return parsed
 
 

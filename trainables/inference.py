@@ -42,10 +42,12 @@ MIN_SCAN_FRAMES, MAX_SCAN_STATES = 1024, 16
 
 __all__ = [
     "expected_statistics",
+    "filtered",
     "frame_mask",
     "log_likelihood",
     "log_likelihood_steps",
     "posterior_marginals",
+    "predicted",
     "sample_states",
     "viterbi",
 ]
@@ -135,6 +137,26 @@ def _filter(
         steps.append(step)
     steps = torch.stack(torch.broadcast_tensors(*steps), -1)
     return log_alphas, steps.masked_fill(~mask, 0.0)
+
+
+def filtered(
+    log_init: torch.Tensor,
+    log_trans: torch.Tensor,
+    log_emit: torch.Tensor,
+    lengths: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward recursion's own results: the filtering distributions
+    ``log p(z_t | x_<=t)`` ``(..., T, S)`` (held at a sequence's last real frame through
+    its padding) and the increments ``log p(x_t | x_<t)`` ``(..., T)``, zero at padding;
+    on the sequential PyTorch path (a stream's chunks, :mod:`trainables.streaming`)."""
+    log_alphas, steps = _filter(log_init, log_trans, log_emit, lengths)
+    return torch.stack(torch.broadcast_tensors(*log_alphas), -2), steps
+
+
+def predicted(log_probs: torch.Tensor, log_trans: torch.Tensor) -> torch.Tensor:
+    """``log(exp(log_probs) @ exp(log_trans))``: the state distribution ``(..., S)`` one
+    step after ``log_probs`` ``(..., S)`` under ``log_trans`` ``(S, S)``."""
+    return _log_vecmat(log_probs, _right_multiplier(log_trans.exp()))
 
 
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:

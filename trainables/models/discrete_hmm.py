@@ -60,7 +60,10 @@ class CategoricalHMM(HMMFamily):
         frames = filled(x, observed(x)).to(params["emission_probs"].dtype)
         return torch.einsum("ntv,...sv->...nts", frames, safe_log(params["emission_probs"]))
 
-    def sample_emissions(self, params, states, generator):
+    def emission_means(self, params, previous=None):
+        return params["emission_probs"]  # a one-hot frame's mean: each symbol's probability
+
+    def sample_emissions(self, params, states, generator, previous=None):
         probs = params["emission_probs"][states]  # (N, T, V)
         symbols = torch.multinomial(probs.reshape(-1, self.data_dim), 1, generator=generator)
         return torch.nn.functional.one_hot(symbols.reshape(states.shape), self.data_dim).to(probs.dtype)
@@ -112,7 +115,10 @@ class PoissonHMM(HMMFamily):
         exposure = rates.sum(-1)[..., None, None, :] if mask is None else torch.einsum("ntd,...sd->...nts", mask.to(rates.dtype), rates)
         return torch.einsum("ntd,...sd->...nts", x, safe_log(rates)) - exposure - torch.lgamma(x + 1).sum(-1, keepdim=True)
 
-    def sample_emissions(self, params, states, generator):
+    def emission_means(self, params, previous=None):
+        return params["rates"]
+
+    def sample_emissions(self, params, states, generator, previous=None):
         return torch.poisson(params["rates"][states], generator=generator)
 
     def emission_m_step(self, params, x, lengths, marginals):

@@ -300,7 +300,10 @@ class GaussianHMM(HMMFamily):
         covariance = (h.prior_covariance_scale * eye + scatter) / (count[..., None, None] + self.inverse_wishart_df + self.data_dim + 1)
         return {"means": means, "scale_tril": torch.linalg.cholesky(covariance).to(means.dtype)}
 
-    def sample_emissions(self, params, states, generator):
+    def emission_means(self, params, previous=None):
+        return params["means"]
+
+    def sample_emissions(self, params, states, generator, previous=None):
         means = params["means"][states]
         noise = torch.randn(means.shape, generator=generator, device=means.device)
         if self.covariance in ("full", "tied"):

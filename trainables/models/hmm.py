@@ -78,7 +78,7 @@ class BernoulliChainHMM(HMMFamily):
         a, b = self.hparams.prior_emission_a, self.hparams.prior_emission_b
         return beta_prior(shape, a, b, self._anchor)
 
-    def sample_emissions(self, params, states, generator):
+    def sample_emissions(self, params, states, generator, previous=None):
         probs = self.state_emission_probs(params)[states]
         return (torch.rand(probs.shape, generator=generator, device=probs.device) < probs).to(
             probs.dtype
@@ -91,6 +91,9 @@ class BernoulliChainHMM(HMMFamily):
     def emission_log_probs(self, params, x):
         mask = observed(x)
         return bernoulli_log_probs(filled(x, mask), self.state_emission_probs(params), mask)
+
+    def emission_means(self, params, previous=None):
+        return self.state_emission_probs(params)
 
     def emission_marginals(self, marginals: torch.Tensor) -> torch.Tensor:
         """Engine marginals ``(..., N, T, S)`` over the states ``emission_probs`` is indexed
@@ -147,6 +150,7 @@ class AutoregressiveHMM(BernoulliHMM):
 
     family = "arhmm"
     missing_values = False
+    emission_context = 1
 
     def priors(self):
         priors = super().priors()
@@ -180,10 +184,17 @@ class AutoregressiveHMM(BernoulliHMM):
             probs.append(em.beta_map(ones, visits - ones, a, b))
         return {"emission_probs": torch.stack(probs, -2)}
 
-    def sample_emissions(self, params, states, generator):
+    def emission_means(self, params, previous=None):
+        probs = params["emission_probs"]  # (K, 2, D)
+        was_on = torch.zeros(self.data_dim, dtype=torch.long, device=probs.device) if previous is None else previous.long()
+        return probs[:, was_on, torch.arange(self.data_dim, device=probs.device)]
+
+    def sample_emissions(self, params, states, generator, previous=None):
         probs = params["emission_probs"]
         keys = torch.arange(self.data_dim, device=probs.device)
         frame = torch.zeros(states.shape[0], self.data_dim, dtype=torch.long, device=probs.device)
+        if previous is not None:
+            frame = previous.long().expand_as(frame)
         frames = []
         for t in range(states.shape[1]):
             p = probs[states[:, t, None], frame, keys]
@@ -388,6 +399,7 @@ class NeuralHMM(BernoulliHMM):
 
     family = "nnhmm"
     missing_values = False
+    emission_context = 1
     hyperparameters = NeuralHyperparameters
 
     def __init__(self, data_dim: int, hidden_dim: int, **hparams) -> None:
@@ -422,9 +434,16 @@ class NeuralHMM(BernoulliHMM):
         x = x.unsqueeze(-2)
         return (x * logits - nn.functional.softplus(logits)).sum(-1)
 
-    def sample_emissions(self, params, states, generator):
+    def emission_means(self, params, previous=None):
+        weight = self.tones.hidden_to_logits.weight
+        frame = weight.new_zeros(self.data_dim) if previous is None else previous.to(weight.dtype)
+        return torch.sigmoid(self.tones(frame))
+
+    def sample_emissions(self, params, states, generator, previous=None):
         weight = self.tones.hidden_to_logits.weight
         frame = weight.new_zeros(states.shape[0], self.data_dim)
+        if previous is not None:
+            frame = previous.to(weight.dtype).expand_as(frame)
         frames = []
         for t in range(states.shape[1]):
             logits = self.tones(frame)[torch.arange(states.shape[0]), states[:, t]]

@@ -86,6 +86,9 @@ class HMMFamily(MapModel):
     hyperparameters = ChainHyperparameters
     #: how the engine's states read in pictures
     state_space: ClassVar[str] = "states"
+    #: how many earlier frames a frame's emission reads (0, or 1: the previous frame, all
+    #: zeros before the first): what a stream filtered chunk by chunk carries over
+    emission_context: ClassVar[int] = 0
 
     def _transition_prior(self, num_states: int, *batch: int):
         """Sticky Dirichlet on the rows of ``(*batch, K, K)`` transition probabilities,
@@ -140,10 +143,21 @@ class HMMFamily(MapModel):
         raise NotImplementedError
 
     def sample_emissions(
-        self, params: dict[str, torch.Tensor], states: torch.Tensor, generator: torch.Generator
+        self,
+        params: dict[str, torch.Tensor],
+        states: torch.Tensor,
+        generator: torch.Generator,
+        previous: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``(N, T, D)`` frames drawn given ``states`` ``(N, T)`` in the engine's space."""
+        """``(N, T, D)`` frames drawn given ``states`` ``(N, T)`` in the engine's space;
+        ``previous`` ``(N, D)``: the frame before the first, for a family whose emissions
+        read it (``emission_context`` 1; all zeros when None), ignored by the others."""
         raise NotImplementedError
+
+    def emission_means(self, params: dict[str, torch.Tensor], previous: torch.Tensor | None = None) -> torch.Tensor:
+        """``(S, D)`` E[x_t | z_t = s] per engine state (given the previous frame
+        ``previous`` ``(D,)``, all zeros when None, for a family whose emissions read it)."""
+        raise NotImplementedError(f"{self.family}: no emission means (a forecast's mean needs them)")
 
     def output_states(self, states: torch.Tensor) -> torch.Tensor:
         """Engine states ``(N, T)`` (-1 at padding) as reported to users."""
