@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
     from trainables.comparison import Comparison
+    from trainables.data import Dataset
     from trainables.models import SequenceModel
 
     from .mlflow_layout import SweepTracker
@@ -61,6 +62,8 @@ ALIGNED_TAG = "pyrosweep.aligned_to"
 ORDER_TAG = "pyrosweep.state_order"
 AGREEMENT_TAG = "pyrosweep.state_agreement"
 NOT_ALIGNED_TAG = "pyrosweep.not_aligned"
+REFERENCE_TAG = "pyrosweep.reference_frames"  # validation frames behind served p-values and drift
+NO_REFERENCE_TAG = "pyrosweep.no_reference"
 PINNED_PACKAGES = ("torch", "pyro-ppl", "mlflow", "numpy", "music21")  # music21: trainables.data imports it
 _ALIAS = re.compile(r"[A-Za-z0-9_-]+")
 _RESERVED_ALIAS = re.compile(r"latest|v[0-9]+", re.IGNORECASE)
@@ -100,21 +103,42 @@ def _download_checkpoint(client: MlflowClient, run: Run, directory: str) -> str:
     return client.download_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT, directory)
 
 
-def example_body(model: SequenceModel, data: dict[str, Any]) -> dict[str, Any]:
-    """A request body of one real test sequence (one point for a model of points) from the
-    data set ``data`` (the sweep spec's), or of one sequence sampled from the model where
-    the data cannot be loaded."""
-    from serve.scoring import answer
+def load_sweep_data(data: dict[str, Any]) -> Dataset | str:
+    """The data set of a sweep's spec ``data``, or why it did not load here."""
     from trainables.data import load_dataset
 
-    key = model.data_kind
     try:
-        test = load_dataset(**data).splits["test"]
+        return load_dataset(**data)
     except (KeyError, ValueError, OSError) as error:
-        logger.warning("input example sampled from the model: the trial's data did not load (%s)", error)
+        return str(error)
+
+
+def example_body(model: SequenceModel, dataset: Dataset | str) -> dict[str, Any]:
+    """A request body of one real test sequence (one point for a model of points) of the
+    sweep's ``dataset``, or of one sequence sampled from the model where it did not load
+    (``dataset`` is then why)."""
+    from serve.scoring import answer
+
+    key = model.data_kind
+    if isinstance(dataset, str):
+        logger.warning("input example sampled from the model: the trial's data did not load (%s)", dataset)
         return {key: answer(model, "sample", {"num_sequences": 1, "length": 16, "seed": 0})["sequences"]}
+    test = dataset.splits["test"]
     item = test.x[0] if test.lengths is None else test.x[0, : int(test.lengths[0])]
     return {key: [item.tolist()]}
+
+
+def _store_reference(checkpoint: str, dataset: Dataset | str) -> dict[str, str]:
+    """Write the per-step NLL of the validation frames into ``checkpoint`` (what served
+    p-values and drift compare with: :mod:`serve.monitor`); the version's tag."""
+    from serve.monitor import write_reference
+    from trainables.checkpoint import load_checkpoint
+
+    if isinstance(dataset, str):
+        return {NO_REFERENCE_TAG: f"the sweep's data did not load here ({dataset})"}
+    valid = dataset.splits["valid"]
+    model = load_checkpoint(checkpoint)
+    return {REFERENCE_TAG: str(write_reference(model, valid.x, valid.lengths, checkpoint))}
 
 
 @contextmanager
@@ -134,9 +158,9 @@ def _fluent_tracking(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = environment
 
 
-def _log_pyfunc(trial: Run, checkpoint: str, name: str, data: dict[str, Any]) -> ModelInfo:
+def _log_pyfunc(trial: Run, checkpoint: str, name: str, dataset: Dataset | str) -> ModelInfo:
     """Log the pyfunc into the trial's run (reopened, and FINISHED again after) through
-    the fluent API, with an input example from the data set ``data``."""
+    the fluent API, with an input example from the sweep's ``dataset``."""
     import mlflow
 
     from serve.pyfunc_model import DEFAULT_METHOD, signature
@@ -153,7 +177,7 @@ def _log_pyfunc(trial: Run, checkpoint: str, name: str, data: dict[str, Any]) ->
             code_paths=[str(_source(package).parent) for package in ("trainables", "serve")],
             pip_requirements=pip_requirements(),
             signature=signature(model.data_kind),
-            input_example=(example_body(model, data), {"method": DEFAULT_METHOD}),
+            input_example=(example_body(model, dataset), {"method": DEFAULT_METHOD}),
         )
     finally:
         mlflow.end_run("FINISHED")
@@ -213,14 +237,13 @@ def _versus_previous(
     return comparison
 
 
-def _align_to_previous(tracking_uri: str, checkpoint: str, name: str, previous: str | None, data: dict[str, Any]) -> dict[str, str]:
+def _align_to_previous(tracking_uri: str, checkpoint: str, name: str, previous: str | None, dataset: Dataset | str) -> dict[str, str]:
     """Renumber the states of the model in ``checkpoint`` (in place) to match version
-    ``previous`` of ``name`` on the validation split of ``data``; the version's tags that
-    say how, or why not."""
+    ``previous`` of ``name`` on the validation split of the sweep's ``dataset``; the
+    version's tags that say how, or why not."""
     from serve.registry import load_model_version
     from trainables.alignment import align
     from trainables.checkpoint import load_checkpoint, read_config, save_checkpoint
-    from trainables.data import load_dataset
 
     if previous is None:
         return {}
@@ -231,14 +254,11 @@ def _align_to_previous(tracking_uri: str, checkpoint: str, name: str, previous: 
         problem = f"version {previous}: {theirs}"
     if not problem and (reference.data_kind, reference.data_dim) != (model.data_kind, model.data_dim):
         problem = f"version {previous} takes other data ({reference.data_dim} values per frame, not {model.data_dim})"
-    if not problem:
-        try:
-            valid = load_dataset(**data).splits["valid"]
-        except (KeyError, ValueError, OSError) as error:
-            problem = f"the sweep's data did not load here ({error})"
+    if not problem and isinstance(dataset, str):
+        problem = f"the sweep's data did not load here ({dataset})"
     if problem:
         return {NOT_ALIGNED_TAG: problem}
-    alignment = align(model, reference, valid)
+    alignment = align(model, reference, dataset.splits["valid"])
     model.relabel(alignment.order)
     extra = {key: value for key, value in read_config(checkpoint).items() if key not in ("model", "module")}
     save_checkpoint(model, checkpoint, **extra)
@@ -299,8 +319,10 @@ def promote(
     # the SQL registry looks the logged model up through the fluent tracking URI
     with tempfile.TemporaryDirectory() as scratch, _fluent_tracking(tracking_uri):
         checkpoint = _download_checkpoint(client, trial, scratch)
-        lineage.update(_align_to_previous(tracking_uri, checkpoint, name, previous, data))
-        info = _log_pyfunc(trial, checkpoint, name, data)
+        dataset = load_sweep_data(data)
+        lineage.update(_align_to_previous(tracking_uri, checkpoint, name, previous, dataset))
+        lineage.update(_store_reference(checkpoint, dataset))
+        info = _log_pyfunc(trial, checkpoint, name, dataset)
         _ensure_registered(client, name)
         version = client.create_model_version(
             name, info.model_uri, run_id=trial.info.run_id, tags=lineage, model_id=info.model_id

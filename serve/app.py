@@ -42,7 +42,8 @@ from trainables.checkpoint import describe, load_checkpoint, read_config
 
 from .errors import RequestError
 from .limits import BodyLimits, HeaderGuard, read_body
-from .registry import load_model_version, parse_model_uri, pin_source
+from .monitor import Measured, Monitor, pvalues_flag, read_reference
+from .registry import load_model_version, load_reference, parse_model_uri, pin_source
 from .schemas import (
     INPUT_REQUESTS,
     PROBLEMS,
@@ -54,6 +55,7 @@ from .schemas import (
     ForecastRequest,
     Health,
     ModelDescription,
+    MonitorAnswer,
     PosteriorAnswer,
     SampleAnswer,
     SampleRequest,
@@ -80,6 +82,7 @@ api = FastAPI(
     redirect_slashes=False,  # Starlette would redirect /healthz/ to a Location built from the client's Host
 )
 api.add_middleware(HeaderGuard)
+api.add_middleware(Measured)  # outermost: what the guard refuses is counted too
 INPUTS = request_body(*INPUT_REQUESTS)
 
 
@@ -106,21 +109,41 @@ def _json(text: str) -> Response:
     return Response(text, media_type="application/json")
 
 
+def _score_inputs(model: torch.nn.Module, body: Any) -> tuple[list[np.ndarray], bool]:
+    """A score body's items and whether it asks for p-values."""
+    body, pvalues = pvalues_flag(body)
+    return parse_inputs(model, body), pvalues
+
+
+def _monitored(monitor: Monitor, method: str, answer: dict[str, Any], inputs: list[np.ndarray], pvalues: bool) -> dict[str, Any]:
+    """A score ``answer`` recorded in the replica's ``monitor`` (per-step NLL; NaN for a
+    frame of nulls), with each step's p-value when asked; other answers as they are."""
+    if method != "score":
+        return answer
+    nll = [-np.asarray(steps, dtype=np.float64) for steps in answer["per_step"]]
+    for values, item in zip(nll, inputs):
+        values[np.isnan(item.reshape(len(values), -1)).all(-1)] = np.nan
+    monitor.record(np.concatenate(nll))
+    return {**answer, "pvalues": [monitor.pvalues(values).tolist() for values in nll]} if pvalues else answer
+
+
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, error: RequestError) -> JSONResponse:
     return JSONResponse(status_code=error.status, content={"detail": error.detail})
 
 
-def load_source(config: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model of ``config["source"]`` (a registered version or a checkpoint directory)
-    and what ``/v1/model`` says about it."""
+def load_source(config: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any], np.ndarray | None]:
+    """The model of ``config["source"]`` (a registered version or a checkpoint directory),
+    what ``/v1/model`` says about it, and its per-step NLL reference (:mod:`serve.monitor`)."""
     source = config["source"]
     if source.startswith("models:/"):
         name, _, version = parse_model_uri(source)
-        return load_model_version(config["tracking_uri"], name, version)
+        model, info = load_model_version(config["tracking_uri"], name, version)
+        return model, info, load_reference(config["tracking_uri"], name, version)
     model = load_checkpoint(source).eval()
     saved = {key: value for key, value in read_config(source).items() if key not in ("model", "module")}
-    return model, {"name": Path(source).name, "version": None, "run_id": None, **saved, **describe(model)}
+    info = {"name": Path(source).name, "version": None, "run_id": None, **saved, **describe(model)}
+    return model, info, read_reference(source)
 
 
 def _device() -> str:
@@ -138,16 +161,18 @@ class ModelServer:
         self.model: torch.nn.Module | None = None
         self.info: dict[str, Any] = {}
         self.streams: Streams | None = None
+        self.monitor: Monitor | None = None
         self.body_limits = BodyLimits.model_validate(body_limits or {})
         self.stream_key = stream_key or default_stream_key()
         self._batched.set_max_batch_size(max_batch_size)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        model, info = load_source(config)
+        model, info, reference = load_source(config)
         model = model.to(_device())
         info = {**info, "device": str(next(model.parameters()).device)}
-        streams = Streams.of(model, info, self.stream_key)
-        self.model, self.info, self.streams = model, info, streams
+        monitor = Monitor(reference, f"{info['name']}/{info['version']}")
+        streams = Streams.of(model, info, self.stream_key, monitor)
+        self.model, self.info, self.monitor, self.streams = model, info, monitor, streams
 
     def _current(self):
         if self.model is None:
@@ -200,11 +225,16 @@ class ModelServer:
         return await asyncio.to_thread(lambda: parse(read_json(raw)))
 
     async def _answer(self, method: str, request: Request, batched: bool) -> Response:
-        model = self._current()
-        inputs = await self._read(model, request, partial(parse_inputs, model))
+        model, monitor = self._current(), self.monitor
+        if method == "score":  # the only one of the three that takes "pvalues"
+            inputs, pvalues = await self._read(model, request, partial(_score_inputs, model))
+        else:
+            inputs, pvalues = await self._read(model, request, partial(parse_inputs, model)), False
         if batched and _frames(model, inputs) <= BATCH_FRAMES:
-            return _json(write_answer(method, await self._batched(model, method, inputs)))
-        return _json(await asyncio.to_thread(lambda: write_answer(method, complete(model, method, compute(model, method, inputs)))))
+            answer = await self._batched(model, method, inputs)
+            return _json(write_answer(method, _monitored(monitor, method, answer, inputs, pvalues)))
+        return _json(await asyncio.to_thread(lambda: write_answer(
+            method, _monitored(monitor, method, complete(model, method, compute(model, method, inputs)), inputs, pvalues))))
 
     @api.post("/v1/score", response_model=ScoreAnswer, responses=PROBLEMS, openapi_extra=INPUTS)
     async def score(self, request: Request) -> Response:
@@ -239,6 +269,13 @@ class ModelServer:
     def replica(self) -> str:
         """This replica's id in Serve (a stream's chunks may be answered by any)."""
         return serve.get_replica_context().replica_id.unique_id
+
+    @api.get("/v1/monitor", response_model=MonitorAnswer, responses={503: PROBLEMS[503]})
+    def monitor_report(self) -> dict[str, Any]:
+        """This replica's recent per-step NLL against the version's validation frames, and
+        whether it ``drifted``."""
+        self._current()
+        return {**self.monitor.report(), "replica": self.replica}
 
     @api.post("/v1/filter", response_model=FilterAnswer, responses=STREAM_PROBLEMS, openapi_extra=request_body(FilterRequest))
     async def filter(self, request: Request) -> Response:

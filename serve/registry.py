@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -89,16 +90,30 @@ def pin_source(model: str, tracking_uri: str) -> dict[str, Any]:
     return {"source": source, "tracking_uri": tracking_uri}
 
 
-def download_checkpoint(client: MlflowClient, version: ModelVersion, directory: str) -> str:
-    """Download the ``checkpoint`` artifact of a registered pyfunc version into
-    ``directory``; returns the local checkpoint directory. (A ``models:/`` URI would be
+def download_checkpoint(client: MlflowClient, version: ModelVersion, directory: str, file: str | None = None) -> str:
+    """Download the ``checkpoint`` artifact of a registered pyfunc version (or only its
+    ``file``) into ``directory``; returns the local path. (A ``models:/`` URI would be
     resolved against the process-wide registry URI, not ``client``'s.)"""
     model_directory = client.get_model_version_download_uri(version.name, version.version)
     return mlflow.artifacts.download_artifacts(
-        artifact_uri=f"{model_directory.rstrip('/')}/artifacts/{CHECKPOINT_ARTIFACT}",
+        artifact_uri=f"{model_directory.rstrip('/')}/artifacts/{CHECKPOINT_ARTIFACT}{'/' + file if file else ''}",
         dst_path=directory,
         tracking_uri=client.tracking_uri,
     )
+
+
+def load_reference(tracking_uri: str, name: str, version: str | int) -> np.ndarray | None:
+    """The per-step NLL reference stored with a registered version at promotion
+    (:mod:`serve.monitor`); None for a version promoted without one."""
+    from .monitor import REFERENCE_FILE
+
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    found = resolve_version(client, f"models:/{name}/{version}")
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            return np.load(download_checkpoint(client, found, scratch, REFERENCE_FILE))
+        except (MlflowException, OSError):
+            return None
 
 
 def load_model_version(

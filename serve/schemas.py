@@ -42,6 +42,9 @@ class Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+PVALUES_DESCRIPTION = "answer each frame's upper-tail p-value against the version's validation frames too"
+
+
 class SequencesRequest(Request):
     """The body of ``score``, ``decode`` and ``posterior`` for a model of sequences."""
 
@@ -52,6 +55,7 @@ class SequencesRequest(Request):
         f"where a value is missing), {MAX_FRAMES} frames in all at most",
         examples=[[[[0.0, 1.0], [1.0, 1.0]]]],
     )
+    pvalues: bool = Field(False, description=f"score only: {PVALUES_DESCRIPTION}")
 
 
 class PointsRequest(Request):
@@ -61,6 +65,7 @@ class PointsRequest(Request):
         min_length=1, max_length=MAX_SEQUENCES, description="N points of data_dim numbers (null where missing)",
         examples=[[[0.0, 1.0]]],
     )
+    pvalues: bool = Field(False, description=f"score only: {PVALUES_DESCRIPTION}")
 
 
 class SampleRequest(Request):
@@ -91,6 +96,7 @@ class FilterOptions(Request):
         description="fixed-lag smoothing: answer p(z[t-lag] | x[<=t]) too; set by a stream's first "
         "chunk, kept by its token",
     )  # fmt: skip
+    pvalues: bool = Field(False, strict=True, description=PVALUES_DESCRIPTION)
 
 
 class FilterRequest(FilterOptions):
@@ -143,6 +149,10 @@ class ScoreAnswer(ObservedAnswer):
         "log_likelihood; one step per point; 0 for a frame of nulls"
     )
     exact: bool = Field(description="false where log_likelihood is a lower bound (an IWAE bound)")
+    pvalues: list[list[float]] | None = Field(
+        None, description="when asked: each step's upper-tail p-value of its NLL against the version's "
+        "validation frames (N, T_i); NaN for a frame of nulls"
+    )
 
 
 class StatePathAnswer(ObservedAnswer):
@@ -207,6 +217,10 @@ class FilterAnswer(Answer):
     lag: int = Field(description="the stream's lag (0: smoothed equals filtered)")
     frames_seen: int = Field(description="frames of the stream so far, these included")
     state: str = Field(description="the token to send with the stream's next chunk (signed; for this model version only)")
+    pvalues: list[float] | None = Field(
+        None, description="when asked: each new frame's upper-tail p-value of its NLL against the version's "
+        "validation frames (n,); NaN for a frame of nulls"
+    )
 
 
 class ForecastAnswer(Answer):
@@ -230,6 +244,22 @@ ANSWERS: dict[str, type[BaseModel]] = {
     "posterior": PosteriorAnswer,
     "sample": SampleAnswer,
 }
+
+
+class MonitorAnswer(BaseModel):
+    """``GET /v1/monitor``: the answering replica's recent per-step NLL against the
+    version's reference (a two-sample Kolmogorov-Smirnov test)."""
+
+    version: str = Field(description="the model version the window belongs to (a swap starts a new window)")
+    replica: str = Field(description="the replica that answered: each keeps its own window")
+    window: int = Field(description="frames in the window (score and filter answers, nulls aside)")
+    window_limit: int
+    reference_frames: int = Field(description="validation frames stored at promotion (0: none)")
+    recent_mean_nll: float | None
+    reference_mean_nll: float | None
+    statistic: float | None = Field(description="the KS statistic of window vs reference")
+    pvalue: float | None = Field(description="its p-value")
+    drifted: bool = Field(description="pvalue below the threshold with a full enough window")
 
 
 class Health(BaseModel):

@@ -178,7 +178,7 @@ def _fields(result: NamedTuple, lengths: list[int] | None) -> dict[str, list]:
     return {name: _rows(value, lengths) for name, value in result._asdict().items()}
 
 
-def _scores(model: SequenceModel, x: torch.Tensor, lengths: torch.Tensor | None) -> Scores:
+def scores(model: SequenceModel, x: torch.Tensor, lengths: torch.Tensor | None) -> Scores:
     """Per-step log-likelihood increments and their sums; a bound (``exact`` False) draws its
     particles from a generator seeded with ``SCORE_SEED``, so the same request always gets
     the same answer."""
@@ -198,7 +198,7 @@ def compute(model: SequenceModel, method: str, items: list[np.ndarray]) -> dict[
     particles depend on the batch: the deployment does not join those)."""
     x, lengths = _batch(model, items)
     if method == "score":
-        result = _scores(model, x, lengths)
+        result = scores(model, x, lengths)
     elif method == "decode":
         result = model.decode(x, lengths)
     elif method == "posterior":

@@ -32,6 +32,7 @@ from trainables import streaming
 from trainables.models import SequenceModel
 
 from .errors import RequestError
+from .monitor import Monitor
 from .schemas import MAX_FRAMES, ForecastOptions, FilterOptions
 from .scoring import parse_frames
 
@@ -79,18 +80,20 @@ def _options(options: type[BaseModel], body: dict) -> BaseModel:
 @dataclass(frozen=True)
 class Streams:
     """A served version's streams: its float64 model (None, with the ``problem``, where it
-    cannot filter exactly), its id in tokens and the signing key."""
+    cannot filter exactly), its id in tokens, the signing key, and the replica's monitor
+    (what a filter answers is recorded in it)."""
 
     model: streaming.HMMFamily | None
     problem: str | None
     model_id: str
     key: bytes
+    monitor: Monitor
 
     @classmethod
-    def of(cls, model: SequenceModel, info: dict[str, Any], key: str) -> Streams:
+    def of(cls, model: SequenceModel, info: dict[str, Any], key: str, monitor: Monitor) -> Streams:
         problem = streaming.streaming_problem(model)
         exact = None if problem else streaming.streaming_model(model)
-        return cls(exact, problem, model_id(model, info), key.encode())
+        return cls(exact, problem, model_id(model, info), key.encode(), monitor)
 
     # Tokens
     def seal(self, state: streaming.StreamState) -> str:
@@ -157,6 +160,9 @@ class Streams:
         options = _options(FilterOptions, body)
         frames = self._frames(body["frames"])
         chunk = streaming.filter_chunk(model, frames, self._stream(options.state, options.lag))
+        nll = np.where(torch.isnan(frames).all(-1).cpu().numpy(), np.nan, -chunk.per_step.cpu().numpy())
+        self.monitor.record(nll)
+        pvalues = {"pvalues": self.monitor.pvalues(nll).tolist()} if options.pvalues else {}
         return {
             "filtered": chunk.filtered.tolist(),
             "per_step": chunk.per_step.tolist(),
@@ -165,6 +171,7 @@ class Streams:
             "lag": chunk.state.lag,
             "frames_seen": chunk.state.frames_seen,
             "state": self.seal(chunk.state),
+            **pvalues,
         }
 
     def forecast(self, body: Any) -> dict[str, Any]:

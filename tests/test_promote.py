@@ -23,14 +23,15 @@ from mlflow.tracking import MlflowClient
 
 from cluster.cli import main
 from cluster.promote import (
-    AGREEMENT_TAG, ALIGNED_TAG, ORDER_TAG, PREVIOUS_TAG, VERSUS_TAG, PromotionRefused,
-    add_promote_arguments, cmd_promote, example_body, promote, rollback,
+    AGREEMENT_TAG, ALIGNED_TAG, ORDER_TAG, PREVIOUS_TAG, REFERENCE_TAG, VERSUS_TAG, PromotionRefused,
+    add_promote_arguments, cmd_promote, example_body, load_sweep_data, promote, rollback,
 )
 from cluster.sweep import run_sweep
 from cluster.sweep_file import load_sweep_file
 from cluster.mlflow_layout import PARENT_TAG, SweepTracker
 from serve.pyfunc_model import request_body
-from serve.registry import load_model_version, parse_model_uri, resolve_version
+from serve.monitor import reference_nll
+from serve.registry import load_model_version, load_reference, parse_model_uri, resolve_version
 from serve.errors import RequestError
 from serve.scoring import answer
 from trainables.data import load_dataset
@@ -199,6 +200,16 @@ def test_load_model_version_rebuilds_the_trials_model(store, promoted):
     assert isinstance(info["aliases"], list)
 
 
+def test_each_version_stores_the_per_step_nll_of_its_validation_frames(store, promoted):
+    """What served p-values and drift compare with (serve.monitor), stored at promotion."""
+    model, _ = load_model_version(store.uri, EXPERIMENT, 1)
+    valid = load_dataset(**DATA).splits["valid"]
+    stored = load_reference(store.uri, EXPERIMENT, 1)
+    assert np.array_equal(stored, reference_nll(model, valid.x, valid.lengths))
+    assert len(stored) == int(valid.lengths.sum()) and np.all(np.diff(stored) >= 0)
+    assert store.client.get_model_version(EXPERIMENT, "1").tags[REFERENCE_TAG] == str(len(stored))
+
+
 def test_a_promotion_under_an_alias_renumbers_its_states_to_match_the_version_before(store, promoted):
     _, second = promoted
     tags = store.client.get_model_version(EXPERIMENT, "2").tags
@@ -238,9 +249,9 @@ def test_the_input_example_is_a_test_sequence_or_else_a_sample(store, promoted):
     data = SweepTracker(store.uri, EXPERIMENT, create=False).sweep_spec(store.sweeps[0])["data"]
     assert data == DATA, "the parent run stores the sweep's spec"
     test = load_dataset(**DATA).splits["test"]
-    assert example_body(model, data) == {"sequences": [test.x[0, : int(test.lengths[0])].tolist()]}
-    moved = {"path": str(store.directory / "gone.npz")}
-    assert np.array(example_body(model, moved)["sequences"]).shape == (1, 16, 8)
+    assert example_body(model, load_sweep_data(data)) == {"sequences": [test.x[0, : int(test.lengths[0])].tolist()]}
+    moved = load_sweep_data({"path": str(store.directory / "gone.npz")})
+    assert "gone.npz" in moved and np.array(example_body(model, moved)["sequences"]).shape == (1, 16, 8)
 
 
 def test_the_body_comes_back_from_what_mlflow_hands_over():

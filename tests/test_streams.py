@@ -5,8 +5,11 @@ against direct computations from its parameters."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ from ray import serve
 
 from cluster.serving import ServeOptions, deployment
 from helpers import free_port, get, post
+from serve.monitor import MIN_FRAMES, write_reference
 from test_serve import request_inputs, trained_checkpoint
 from trainables import streaming
 from trainables.checkpoint import load_checkpoint
@@ -24,6 +28,7 @@ from trainables.data import load_dataset
 pytestmark = pytest.mark.slow
 
 APPS = {"hmm": 2, "arhmm": 1, "gaussian-hmm": 1, "dmm": 1, "gmm": 1}  # family -> replicas
+REFERENCE_SEED, HELD_OUT_SEED = 11, 12  # draws from the hmm behind its reference, and new ones
 LAG = 3
 FLEET_KEY = "one key for every app of the module"
 F32 = torch.finfo(torch.float32).eps
@@ -35,16 +40,21 @@ def server(tmp_path_factory):
     second hmm version under ``/hmm-v2``, all with one stream key (a fleet's); yields
     base URL and checkpoints."""
     directory = tmp_path_factory.mktemp("checkpoints")
-    ray.init(num_cpus=sum(APPS.values()) + 2, include_dashboard=False, configure_logging=False)
+    metrics_port = free_port()
+    ray.init(address="local", num_cpus=sum(APPS.values()) + 3, include_dashboard=False, configure_logging=False, _metrics_export_port=metrics_port)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     checkpoints = {family: trained_checkpoint(directory, family) for family in APPS}
     checkpoints["hmm-v2"] = trained_checkpoint(directory, "hmm", seed=1)
+    checkpoints["hmm-ref"] = shutil.copytree(checkpoints["hmm"], directory / "hmm-ref")
+    model = load_checkpoint(checkpoints["hmm-ref"])
+    x, _ = model.sample(100, 10, seed=REFERENCE_SEED)
+    write_reference(model, x, torch.full((100,), 10), checkpoints["hmm-ref"])
     for name, source in checkpoints.items():
         replicas = APPS.get(name, 1)
         options = ServeOptions(model=str(source), tracking_uri="", replicas=replicas, stream_key=FLEET_KEY)
         serve.run(deployment(options, {"source": str(source), "tracking_uri": ""}), name=name, route_prefix=f"/{name}")
-    yield {"base": f"http://127.0.0.1:{port}", "checkpoints": checkpoints}
+    yield {"base": f"http://127.0.0.1:{port}", "checkpoints": checkpoints, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     serve.shutdown()
     ray.shutdown()
 
@@ -75,8 +85,6 @@ def streamed(url: str, frames: list, chunk: int, lag: int | None = LAG) -> dict[
 
 
 def urllib_request(url: str, body):
-    import urllib.request
-
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     return urllib.request.urlopen(request, timeout=60)
 
@@ -276,3 +284,58 @@ def test_query_filter_streams_a_file_and_prints_a_line_a_frame(server, tmp_path)
     np.testing.assert_allclose([line["per_step"] for line in first], whole["per_step"], rtol=0, atol=1e-9)
     np.testing.assert_allclose([line["smoothed"] for line in first[2:]], whole["smoothed"], rtol=0, atol=1e-9)
     assert "smoothed" not in first[1]
+
+
+def test_pvalues_of_frames_like_the_reference_are_uniform_and_drift_is_flagged(server):
+    """hmm-ref's reference: 1,000 frames drawn from the model. New draws get p-values
+    about uniform and no drift; then a stream of flipped keys is flagged as drifted
+    before it fills the window."""
+    url = f"{server['base']}/hmm-ref"
+    model = load_checkpoint(server["checkpoints"]["hmm-ref"])
+    x, _ = model.sample(100, 10, seed=HELD_OUT_SEED)
+    status, scored = post(f"{url}/v1/score", {"sequences": x.tolist(), "pvalues": True})
+    assert status == 200
+    pvalues = np.array(scored["pvalues"]).ravel()
+    assert pvalues.shape == (1000,) and np.all((pvalues > 0) & (pvalues <= 1))
+    for level in (0.1, 0.25, 0.5, 0.75):  # seeded draws: a fixed outcome, not a chance one
+        assert abs(np.mean(pvalues <= level) - level) < 0.06, level
+    monitor = get(f"{url}/v1/monitor")[1]
+    assert monitor["window"] == 1000 and monitor["reference_frames"] == 1000 and not monitor["drifted"], monitor
+    assert monitor["version"] == "hmm-ref/None"
+
+    flipped = (1 - x[:30]).reshape(-1, x.shape[-1]).tolist()  # 300 frames of one stream
+    answer = post(f"{url}/v1/filter", {"frames": flipped, "pvalues": True})[1]
+    assert np.median(answer["pvalues"]) < 0.1  # half the flipped frames in the upper 10% tail
+    monitor = get(f"{url}/v1/monitor")[1]
+    assert monitor["window"] == 1300 < monitor["window_limit"] and monitor["drifted"], monitor
+    assert monitor["recent_mean_nll"] > monitor["reference_mean_nll"]
+
+
+def test_a_model_without_a_reference_says_so_and_its_monitor_reports_none(server):
+    url = f"{server['base']}/gaussian-hmm"
+    body, _ = request_inputs("gaussian-hmm")
+    status, answer = post(f"{url}/v1/score", {**body, "pvalues": True})
+    assert status == 422 and "has no reference distribution" in answer["detail"]
+    assert post(f"{url}/v1/score", {**body, "pvalues": "yes"})[1]["detail"] == "pvalues: expected true or false, got 'yes'"
+    assert "pvalues" not in post(f"{url}/v1/score", body)[1]
+    status, monitor = get(f"{url}/v1/monitor")
+    assert status == 200 and monitor["reference_frames"] == 0 and monitor["statistic"] is None and not monitor["drifted"]
+    assert MIN_FRAMES <= monitor["window_limit"]
+
+
+def test_requests_errors_latency_and_step_nll_reach_the_prometheus_endpoint(server):
+    """Ray exports the replicas' metrics every few seconds: wait for them."""
+    url = f"{server['base']}/hmm"
+    body, _ = request_inputs("hmm")
+    post(f"{url}/v1/score", body)
+    post(f"{url}/v1/score", {})
+    wanted = ['ray_pyrosweep_requests_total{', 'route="/v1/score"', 'ray_pyrosweep_errors_total{', 'status="422"',
+              'ray_pyrosweep_latency_s_bucket{', 'ray_pyrosweep_step_nll_bucket{']
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(server["metrics"], timeout=10).read().decode()
+        if all(piece in text for piece in wanted):
+            break
+        time.sleep(2)
+    missing = [piece for piece in wanted if piece not in text]
+    assert not missing, missing

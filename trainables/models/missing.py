@@ -52,3 +52,10 @@ def observed_values(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tens
     if lengths is not None:
         present = present & frame_mask(lengths.to(x.device), x.shape[1]).unsqueeze(-1)
     return present.flatten(1).sum(-1)
+
+
+def observed_frames(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Boolean ``(N, T)`` of the real frames of ``x`` ``(N, T, D)`` with a value that is
+    not missing, or ``(N,)`` of such points ``x`` ``(N, D)`` (``lengths`` None)."""
+    present = (~torch.isnan(x)).any(-1)
+    return present if lengths is None else present & frame_mask(lengths.to(x.device), x.shape[1])
