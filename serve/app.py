@@ -26,7 +26,6 @@ holds a small one no longer than the small one's own work (the GIL is shared in 
 import asyncio
 import os
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -38,11 +37,9 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 
-from trainables.checkpoint import describe, load_checkpoint, read_config
-
 from .errors import RequestError
 from .limits import BodyLimits, HeaderGuard, read_body
-from .registry import load_model_version, parse_model_uri, pin_source
+from .registry import pin_source
 from .schemas import (
     INPUT_REQUESTS,
     PROBLEMS,
@@ -58,6 +55,7 @@ from .schemas import (
     write_answer,
 )
 from .scoring import complete, compute, parse_inputs, read_json, sample_request
+from .source import actor_device, load_source
 from .scoring import sample as draw_samples
 
 MAX_ONGOING_REQUESTS = 1024  # per replica: a slow body waits here as a cheap coroutine
@@ -105,22 +103,6 @@ async def _request_error(request: Request, error: RequestError) -> JSONResponse:
     return JSONResponse(status_code=error.status, content={"detail": error.detail})
 
 
-def load_source(config: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model of ``config["source"]`` (a registered version or a checkpoint directory)
-    and what ``/v1/model`` says about it."""
-    source = config["source"]
-    if source.startswith("models:/"):
-        name, _, version = parse_model_uri(source)
-        return load_model_version(config["tracking_uri"], name, version)
-    model = load_checkpoint(source).eval()
-    saved = {key: value for key, value in read_config(source).items() if key not in ("model", "module")}
-    return model, {"name": Path(source).name, "version": None, "run_id": None, **saved, **describe(model)}
-
-
-def _device() -> str:
-    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-
-
 @serve.deployment(name="pyrosweep", max_ongoing_requests=MAX_ONGOING_REQUESTS)
 @serve.ingress(api)
 class ModelServer:
@@ -135,7 +117,7 @@ class ModelServer:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         model, info = load_source(config)
-        model = model.to(_device())
+        model = model.to(actor_device())
         self.model, self.info = model, {**info, "device": str(next(model.parameters()).device)}
 
     def _current(self):
