@@ -64,19 +64,45 @@ class ScoreOptions:
 
 
 @dataclass(frozen=True)
+class Written:
+    """What :func:`write_parquet` wrote: ``rows``, and when the first block came (seconds
+    from the start, ``first_seconds``) with its ``first_rows``."""
+
+    rows: int
+    first_rows: int
+    first_seconds: float
+
+
+@dataclass(frozen=True)
 class ScoreSummary:
     """What a run did: ``seconds`` from the start of the dataset's execution (actors
-    starting, models loading) to the file's close, Ray's own start excluded."""
+    starting, models loading) to the file's close, Ray's own start excluded; ``startup``
+    the seconds until the first scored block reached the driver."""
 
     source: str  # the pinned model: models:/NAME/VERSION or a checkpoint path
-    sequences: int
     actors: int
     seconds: float
+    written: Written
     output: Path
+
+    @property
+    def sequences(self) -> int:
+        return self.written.rows
+
+    @property
+    def startup(self) -> float:
+        return self.written.first_seconds
 
     @property
     def per_second(self) -> float:
         return self.sequences / self.seconds
+
+    @property
+    def steady_per_second(self) -> float:
+        """Sequences per second once the first block came (actors up): the later blocks'
+        rows over their time (``nan`` for one block)."""
+        later = self.seconds - self.startup
+        return (self.sequences - self.written.first_rows) / later if later > 0 else float("nan")
 
 
 def input_files(path: Path) -> list[Path]:
@@ -194,15 +220,17 @@ def default_actors(num_gpus: float) -> int:
     return actors
 
 
-def write_parquet(dataset: ray.data.Dataset, output: Path, metadata: dict[str, str]) -> int:
+def write_parquet(dataset: ray.data.Dataset, output: Path, metadata: dict[str, str], started: float) -> Written:
     """Stream ``dataset``'s blocks, in order, into one Parquet file at ``output`` (written
-    as ``output.partial`` and renamed when complete); returns the rows written."""
+    as ``output.partial`` and renamed when complete); ``started``: the run's
+    ``time.perf_counter()`` at its start."""
     partial = output.with_name(output.name + ".partial")
     output.parent.mkdir(parents=True, exist_ok=True)
     writer, rows = None, 0
     try:
         for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             if writer is None:
+                first = Written(0, block.num_rows, time.perf_counter() - started)
                 writer = pq.ParquetWriter(partial, block.schema.with_metadata(metadata))
             writer.write_table(block.cast(writer.schema))
             rows += block.num_rows
@@ -210,7 +238,7 @@ def write_parquet(dataset: ray.data.Dataset, output: Path, metadata: dict[str, s
         if writer is not None:
             writer.close()
     os.replace(partial, output)
-    return rows
+    return Written(rows, first.first_rows, first.first_seconds)
 
 
 def run_scoring(options: ScoreOptions) -> ScoreSummary:
@@ -237,6 +265,6 @@ def run_scoring(options: ScoreOptions) -> ScoreSummary:
             num_gpus=options.num_gpus,
         )
         scored.context.execution_options.preserve_order = True  # this dataset's own copy of the context
-        written = write_parquet(scored, Path(options.output), metadata)
+        written = write_parquet(scored, Path(options.output), metadata, started)
         seconds = time.perf_counter() - started
-    return ScoreSummary(user_config["source"], written, actors, seconds, Path(options.output))
+    return ScoreSummary(user_config["source"], actors, seconds, written, Path(options.output))

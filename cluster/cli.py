@@ -276,7 +276,8 @@ def cmd_score(args: argparse.Namespace) -> None:
         table_options=data_options(args),
     ))
     print(f"scored {summary.sequences} sequences with {summary.source} in {summary.seconds:.1f} s "
-          f"({summary.per_second:.0f} sequences/s, {summary.actors} actor(s)): {summary.output}")
+          f"({summary.per_second:.0f} sequences/s; {summary.startup:.1f} s to the first block, "
+          f"{summary.steady_per_second:.0f} sequences/s after; {summary.actors} actor(s)): {summary.output}")
 
 
 def _json_values(frames) -> list:
