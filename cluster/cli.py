@@ -1,8 +1,8 @@
 """The ``pyrosweep`` command line.
 
 Errors a user can act on are printed as one line without a traceback (``--debug`` shows
-it) and exit with status 2. The commands that run Ray (``sweep``, ``serve``, ``submit``,
-``demo``) print their own progress only and send the libraries' logs to a file they name
+it) and exit with status 2. The commands that run Ray (``sweep``, ``serve``, ``score``,
+``submit``, ``demo``) print their own progress only and send the libraries' logs to a file they name
 (``-v`` shows those logs too; see :mod:`cluster.console`).
 """
 
@@ -26,8 +26,8 @@ from .data_arguments import add_data_arguments, data_options
 from .home import tracking_uri
 from .local_ray import prepare_local_ray
 
-LOGGED_COMMANDS = ("sweep", "serve", "submit", "demo")  # each calls _log_to_file
-LOCAL_RAY_COMMANDS = ("sweep", "serve", "demo")  # each starts a Ray of its own without --address
+LOGGED_COMMANDS = ("sweep", "serve", "score", "submit", "demo")  # each calls _log_to_file
+LOCAL_RAY_COMMANDS = ("sweep", "serve", "score", "demo")  # each starts a Ray of its own without --address
 
 
 def _from_args(settings_class, args: argparse.Namespace):
@@ -270,31 +270,52 @@ def _post(url: str, body: Any, timeout: float) -> dict:
         raise RuntimeError(f"cannot reach {url}: {error.reason}") from None
 
 
+def cmd_score(args: argparse.Namespace) -> None:
+    from serve.schemas import METHODS
+
+    from .batch_scoring import ScoreOptions, run_scoring
+
+    methods = tuple(args.methods.split(","))
+    unknown = [method for method in methods if method not in METHODS or method == "sample"]
+    if unknown or len(set(methods)) < len(methods):
+        raise ValueError(f"--methods {args.methods}: expected distinct methods among score, decode, posterior")
+    for flag, value in {"--actors": args.actors, "--batch-size": args.batch_size}.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}: expected a positive integer, got {value}")
+    _log_to_file(args)
+    summary = run_scoring(ScoreOptions(
+        model=args.model,
+        input=args.input,
+        output=args.output,
+        tracking_uri=tracking_uri(args.tracking_uri),
+        methods=methods,
+        address=args.address,
+        num_gpus=args.num_gpus,
+        actors=args.actors,
+        batch_size=args.batch_size,
+        table_options=data_options(args),
+    ))
+    print(f"scored {summary.sequences} sequences with {summary.source} in {summary.seconds:.1f} s "
+          f"({summary.per_second:.0f} sequences/s; {summary.startup:.1f} s to the first block, "
+          f"{summary.steady_per_second:.0f} sequences/s after; {summary.actors} actor(s)): {summary.output}")
+
+
 def _json_values(frames) -> list:
     """``frames`` ``(T, D)`` (numpy) as JSON lists, NaN (missing) as null."""
     return [[None if value != value else value for value in frame] for frame in frames.tolist()]
 
 
 def _read_query_input(path: str, options: dict[str, Any]) -> dict:
-    """A request body from a JSON file; an npz with ``x`` ``(N, T, D)`` and ``lengths``
-    ``(N,)`` (``sequences``) or ``x`` ``(N, D)`` alone (``points``); or a table (CSV,
-    Parquet: every sequence of it, read with the data flags' ``options``). NaN is null."""
-    from trainables.data.tables import TABLE_SUFFIXES, read_table_inputs
+    """A request body from a JSON file, or from an npz or a table (every sequence or point
+    in it, :func:`trainables.data.inputs.read_inputs` with the data flags' ``options``).
+    NaN is null."""
+    from trainables.data.inputs import INPUT_SUFFIXES, read_inputs
 
-    suffix = Path(path).suffix.lower()
-    if suffix in TABLE_SUFFIXES:
-        inputs = read_table_inputs(Path(path), path, **options)
+    if Path(path).suffix.lower() in INPUT_SUFFIXES:
+        _, inputs = read_inputs(Path(path), path, **options)
         if isinstance(inputs, list):
             return {"sequences": [_json_values(frames) for frames in inputs]}
         return {"points": _json_values(inputs)}
-    if suffix == ".npz":
-        import numpy as np
-
-        with np.load(path) as arrays:
-            if "lengths" not in arrays:
-                return {"points": _json_values(arrays["x"])}
-            x, lengths = arrays["x"], arrays["lengths"]
-        return {"sequences": [_json_values(x[n, : int(length)]) for n, length in enumerate(lengths)]}
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -421,6 +442,32 @@ def build_parser(tokens: Sequence[str] = ()) -> argparse.ArgumentParser:
     query.add_argument("--horizon", type=int, default=1, help="forecast: frames ahead of each sequence")
     add_data_arguments(query, built_in=False, splits=False)
     query.set_defaults(run=cmd_query)
+
+    scored = commands.add_parser(
+        "score", help="score files of sequences with Ray Data into one Parquet file (batch scoring)",
+        description="Score every sequence of --input with the model, on Ray Data actors that load it once, "
+        "and write one Parquet file: a row per sequence, in the input's order, with the columns file "
+        "(directory inputs only: the file's name), sequence (a table's sequence id; an npz's index), "
+        "observed_values, and the served answers' fields of each method: score: log_likelihood, per_step; "
+        "decode: states, log_joint; posterior: marginals (the DMM: latents, loc, scale). The answers are "
+        "those of pyrosweep serve (within float32 rounding). The input is checked on this machine before "
+        "Ray starts. Models of points are refused (pyrosweep query scores points).",
+    )
+    scored.add_argument("--model", required=True, help="models:/NAME@ALIAS (pinned to its version at the start), "
+                        "models:/NAME/VERSION or a checkpoint directory")
+    scored.add_argument("--input", required=True, help=".npz with x (N, T, D) and lengths (N,), a table (.csv, "
+                        ".parquet, .pq: one row per frame), or a directory of such files")
+    scored.add_argument("--output", required=True, help="the Parquet file to write (replaced if it exists)")
+    scored.add_argument("--methods", default="score", help="comma-separated: score, decode, posterior (default: score)")
+    scored.add_argument("--tracking-uri", default=None)
+    scored.add_argument("--address", default=None, help="an existing Ray cluster: auto, HOST:PORT or ray://HOST:10001 "
+                        "(default: a local Ray)")
+    scored.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (may be fractional)")
+    scored.add_argument("--actors", type=int, default=None,
+                        help="scoring actors, 1 CPU each (default: one per CPU of the cluster, as GPUs allow)")
+    scored.add_argument("--batch-size", type=int, default=256, help="sequences computed as one batch (default: 256)")
+    add_data_arguments(scored, built_in=False, splits=False)
+    scored.set_defaults(run=cmd_score)
 
     demo = commands.add_parser("demo", help="the whole loop on embedded defaults: sweep, promote, serve, query")
     demo.add_argument("--port", type=int, default=8000)

@@ -26,7 +26,6 @@ holds a small one no longer than the small one's own work (the GIL is shared in 
 import asyncio
 import os
 from functools import cached_property, partial
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -38,12 +37,10 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 
-from trainables.checkpoint import describe, load_checkpoint, read_config
-
 from .errors import RequestError
 from .limits import BodyLimits, HeaderGuard, read_body
-from .monitor import Measured, Monitor, pvalues_flag, read_reference
-from .registry import load_model_version, load_reference, parse_model_uri, pin_source
+from .monitor import Measured, Monitor, pvalues_flag
+from .registry import pin_source
 from .schemas import (
     INPUT_REQUESTS,
     PROBLEMS,
@@ -65,6 +62,7 @@ from .schemas import (
     write_answer,
 )
 from .scoring import complete, compute, parse_inputs, read_json, sample_request
+from .source import actor_device, load_source, source_reference
 from .scoring import sample as draw_samples
 from .streams import Streams, default_stream_key
 
@@ -132,24 +130,6 @@ async def _request_error(request: Request, error: RequestError) -> JSONResponse:
     return JSONResponse(status_code=error.status, content={"detail": error.detail})
 
 
-def load_source(config: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any], np.ndarray | None]:
-    """The model of ``config["source"]`` (a registered version or a checkpoint directory),
-    what ``/v1/model`` says about it, and its per-step NLL reference (:mod:`serve.monitor`)."""
-    source = config["source"]
-    if source.startswith("models:/"):
-        name, _, version = parse_model_uri(source)
-        model, info = load_model_version(config["tracking_uri"], name, version)
-        return model, info, load_reference(config["tracking_uri"], name, version)
-    model = load_checkpoint(source).eval()
-    saved = {key: value for key, value in read_config(source).items() if key not in ("model", "module")}
-    info = {"name": Path(source).name, "version": None, "run_id": None, **saved, **describe(model)}
-    return model, info, read_reference(source)
-
-
-def _device() -> str:
-    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-
-
 @serve.deployment(name="pyrosweep", max_ongoing_requests=MAX_ONGOING_REQUESTS)
 @serve.ingress(api)
 class ModelServer:
@@ -167,10 +147,10 @@ class ModelServer:
         self._batched.set_max_batch_size(max_batch_size)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        model, info, reference = load_source(config)
-        model = model.to(_device())
+        model, info = load_source(config)
+        model = model.to(actor_device())
         info = {**info, "device": str(next(model.parameters()).device)}
-        monitor = Monitor(reference, f"{info['name']}/{info['version']}")
+        monitor = Monitor(source_reference(config), f"{info['name']}/{info['version']}")
         streams = Streams.of(model, info, self.stream_key, monitor)
         self.model, self.info, self.monitor, self.streams = model, info, monitor, streams
 

@@ -169,12 +169,14 @@ def _grouped(
 
 def read_table_inputs(
     path: Path, source: str, *, sequence: str | None = "sequence", order: str = "order", features: list[str] | None = None
-) -> list[np.ndarray] | np.ndarray:
-    """Every sequence of a long-format table, as one ``(T_i, D)`` float64 array each in the
-    order of their ids (NaN where missing), or the ``(rows, D)`` points when ``sequence`` is
-    ``None``: a request's inputs (``pyrosweep query --input TABLE``). Options as
-    :func:`read_table_splits`."""
-    return _grouped(path, source, sequence, order, features, None)[3]
+) -> tuple[np.ndarray, list[np.ndarray] | np.ndarray]:
+    """Every sequence of a long-format table: its sorted ids ``(I,)`` and one ``(T_i, D)``
+    float64 array per id, in that order (NaN where missing); or, when ``sequence`` is
+    ``None``, the row numbers ``(rows,)`` and the ``(rows, D)`` points. The inputs of a
+    request (``pyrosweep query --input TABLE``) or of a batch (``pyrosweep score``).
+    Options as :func:`read_table_splits`."""
+    _, ids, _, frames = _grouped(path, source, sequence, order, features, None)
+    return ids, frames
 
 
 def read_table_splits(
