@@ -362,7 +362,7 @@ def test_openapi_declares_every_request_body_and_answer(server):
     url = f"{server['base']}/hmm"
     status, document = get(f"{url}/openapi.json")
     assert status == 200
-    routes = [("get", "/healthz"), ("get", "/v1/model"), *(("post", f"/v1/{method}") for method in METHODS)]
+    routes = [("get", "/healthz"), ("get", "/v1/model"), ("get", "/v1/shadow"), *(("post", f"/v1/{method}") for method in METHODS)]
     assert {(m, p) for p, operations in document["paths"].items() for m in operations} == set(routes)
     for method, path in routes:
         operation = document["paths"][path][method]
