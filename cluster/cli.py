@@ -188,7 +188,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if not (low.isdigit() and high.isdigit() and 0 < int(low) <= int(high)):
             raise ValueError(f"--autoscale: expected MIN:MAX with 0 < MIN <= MAX, got {args.autoscale!r}")
         autoscale = (int(low), int(high))
-    _log_to_file(args)
     options = ServeOptions(
         model=args.model,
         tracking_uri=tracking_uri(args.tracking_uri),
@@ -206,12 +205,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
         }),
         request_timeout_s=args.request_timeout_s,
         keep_alive_timeout_s=args.keep_alive_timeout_s,
+        follow_alias=args.follow_alias,
+        poll_s=args.poll_s,
+        shadow=args.shadow,
+        shadow_fraction=args.shadow_fraction,
     )
+    _log_to_file(args)
 
     def ready(user_config: dict) -> None:
         print(f"serving {user_config['source']} on http://{args.host}:{args.port} "
               f"(API docs at /docs); Ctrl-C to stop, `pyrosweep swap --port {args.port}` to move "
               f"to the alias's new version", flush=True)
+        if args.follow_alias:
+            print(f"following {args.model}: the registry is asked every {args.poll_s:g} s", flush=True)
+        if args.shadow:
+            print(f"mirroring {args.shadow_fraction:.0%} of score requests to {args.shadow} "
+                  f"(GET /v1/shadow for the comparison)", flush=True)
 
     run_server(options, on_ready=ready)
     print("stopped", flush=True)
@@ -423,6 +432,14 @@ def build_parser(tokens: Sequence[str] = ()) -> argparse.ArgumentParser:
                         help="Serve's end-to-end limit on one request, answer included (408; default: none)")
     served.add_argument("--keep-alive-timeout-s", type=int, default=None,
                         help="how long an idle connection stays open (default: Serve's, 90 s)")
+    served.add_argument("--follow-alias", action="store_true",
+                        help="watch the registry and swap whenever the --model alias (models:/NAME@ALIAS) moves")
+    served.add_argument("--poll-s", type=float, default=10.0, help="seconds between registry polls of --follow-alias")
+    served.add_argument("--shadow", default=None, metavar="URI",
+                        help="a challenger (models:/NAME@challenger, ...) that score requests are mirrored to; "
+                        "GET /v1/shadow compares it with the served model")
+    served.add_argument("--shadow-fraction", type=float, default=1.0, metavar="F",
+                        help="share of score requests mirrored to --shadow (0 < F <= 1)")
     served.set_defaults(run=cmd_serve)
 
     swapped = commands.add_parser("swap", help="move a running `pyrosweep serve` to its alias's current version")

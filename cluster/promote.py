@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,7 @@ from .home import tracking_uri
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
+    from mlflow.entities.model_registry import ModelVersion
     from mlflow.models.model import ModelInfo
     from mlflow.tracking import MlflowClient
 
@@ -316,17 +318,12 @@ def promote(
         **({PREVIOUS_TAG: previous} if previous else {}),
         **(_versus_tags(versus) if versus else {}),
     }
-    # the SQL registry looks the logged model up through the fluent tracking URI
-    with tempfile.TemporaryDirectory() as scratch, _fluent_tracking(tracking_uri):
+    with tempfile.TemporaryDirectory() as scratch:
         checkpoint = _download_checkpoint(client, trial, scratch)
         dataset = load_sweep_data(data)
         lineage.update(_align_to_previous(tracking_uri, checkpoint, name, previous, dataset))
         lineage.update(_store_reference(checkpoint, dataset))
-        info = _log_pyfunc(trial, checkpoint, name, dataset)
-        _ensure_registered(client, name)
-        version = client.create_model_version(
-            name, info.model_uri, run_id=trial.info.run_id, tags=lineage, model_id=info.model_id
-        )
+        version = register_checkpoint(client, trial, checkpoint, name, dataset, lineage)
     client.set_registered_model_alias(name, alias, version.version)
     return {
         "name": name,
@@ -340,6 +337,24 @@ def promote(
         "versus": versus,
         "alignment": {key: value for key, value in lineage.items() if key in (ALIGNED_TAG, ORDER_TAG, AGREEMENT_TAG, NOT_ALIGNED_TAG)},
     }
+
+
+def register_checkpoint(
+    client: MlflowClient, run: Run, checkpoint: str, name: str, dataset: Dataset | str, tags: dict[str, str]
+) -> ModelVersion:
+    """Log ``checkpoint`` as the pyfunc in ``run`` (an input example from ``dataset``,
+    :func:`load_sweep_data`'s) and register it as a new version of ``name`` with ``tags``. The pyfunc's
+    artifact takes the directory's name, so a directory named otherwise is logged from a
+    copy named ``checkpoint``."""
+    from trainables.checkpoint import ARTIFACT as CHECKPOINT_ARTIFACT
+
+    # the SQL registry looks the logged model up through the fluent tracking URI
+    with tempfile.TemporaryDirectory() as scratch, _fluent_tracking(client.tracking_uri):
+        if Path(checkpoint).name != CHECKPOINT_ARTIFACT:
+            checkpoint = shutil.copytree(checkpoint, Path(scratch) / CHECKPOINT_ARTIFACT)
+        info = _log_pyfunc(run, str(checkpoint), name, dataset)
+        _ensure_registered(client, name)
+        return client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=tags, model_id=info.model_id)
 
 
 def _versus_tags(versus: Comparison) -> dict[str, str]:

@@ -3,13 +3,20 @@
 The process runs until SIGINT or SIGTERM, then shuts Serve (and the Ray it started)
 down. SIGHUP (``pyrosweep swap --port PORT``) resolves the model URI again and moves the
 running deployment to the alias's new version through its ``user_config``: the replicas
-call ``reconfigure`` in place and no request fails.
+call ``reconfigure`` in place and no request fails. With ``--follow-alias`` the registry
+is polled and the same swap runs whenever the alias moves (:mod:`cluster.follow`).
+
+With ``--shadow URI`` the application holds a second deployment, the challenger
+(:mod:`serve.shadow`), that the champion mirrors score requests to; its comparison is
+logged to the challenger's registry version before each swap (which replaces it) and
+when the server stops, and printed then.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +29,10 @@ from serve.app import ModelServer
 from serve.limits import BodyLimits
 from serve.registry import pin_source
 from serve.streams import default_stream_key
+from serve.shadow import DEPLOYMENT as SHADOW_DEPLOYMENT
+from serve.shadow import ShadowScorer
 
+from .follow import AliasFollower, check_followable
 from .home import project_home
 from .remote import ray_session
 
@@ -51,13 +61,32 @@ class ServeOptions:
     # kept across swaps (a token of the old version gets a 409 all the same)
     stream_key: str = field(default_factory=default_stream_key, repr=False)
 
+    follow_alias: bool = False  # swap whenever the alias of ``model`` moves, polled every poll_s
+    poll_s: float = 10.0
+    shadow: str | None = None  # the challenger, as ``model``: mirrored score requests, GET /v1/shadow
+    shadow_fraction: float = 1.0  # of score requests mirrored
+
+    def __post_init__(self) -> None:
+        """Refuse what cannot be served, before Ray starts."""
+        if self.follow_alias:
+            check_followable(self.model)
+        if not self.poll_s > 0:
+            raise ValueError(f"--poll-s: expected seconds > 0, got {self.poll_s}")
+        if not 0.0 < self.shadow_fraction <= 1.0:
+            raise ValueError(f"--shadow-fraction: expected 0 < F <= 1, got {self.shadow_fraction}")
+
 
 def pid_file(port: int) -> Path:
     return project_home() / f"serve-{port}.pid"
 
 
 def deployment(options: ServeOptions, user_config: dict[str, Any]):
-    """The bound application for ``serve.run``."""
+    """The bound application for ``serve.run``; with ``options.shadow``, the challenger
+    pinned to the version its URI resolves to now."""
+    shadow: dict[str, Any] = {}
+    if options.shadow is not None:
+        challenger = ShadowScorer.options(user_config=pin_source(options.shadow, options.tracking_uri)).bind()
+        shadow = {"shadow": challenger, "shadow_fraction": options.shadow_fraction}
     scaling: dict[str, Any] = {"num_replicas": options.replicas}
     if options.autoscale is not None:
         low, high = options.autoscale
@@ -66,7 +95,7 @@ def deployment(options: ServeOptions, user_config: dict[str, Any]):
         **scaling,
         user_config=user_config,
         ray_actor_options={"num_gpus": options.num_gpus, "num_cpus": 1},
-    ).bind(options.max_batch_size, options.body_limits.model_dump(), options.stream_key)
+    ).bind(options.max_batch_size, options.body_limits.model_dump(), stream_key=options.stream_key, **shadow)
 
 
 def http_options(options: ServeOptions) -> dict[str, Any]:
@@ -89,11 +118,28 @@ def _run(options: ServeOptions, user_config: dict[str, Any]) -> None:
         raise RuntimeError(f"{error} Its replicas failed with: {causes}" if causes else str(error)) from error
 
 
-def swap(options: ServeOptions) -> dict[str, Any]:
-    """Move the running deployment to what ``options.model`` resolves to now."""
-    user_config = pin_source(options.model, options.tracking_uri)
+def swap(options: ServeOptions, user_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Move the running deployment to ``user_config`` (default: what ``options.model``
+    resolves to now)."""
+    user_config = user_config or pin_source(options.model, options.tracking_uri)
+    publish_shadow(options)  # the redeploy replaces the shadow's replica, and its pairs with it
     _run(options, user_config)
     return user_config
+
+
+def publish_shadow(options: ServeOptions) -> None:
+    """Log the shadow's comparison so far to the challenger's version, and print it."""
+    if options.shadow is None:
+        return
+    try:
+        report = serve.get_deployment_handle(SHADOW_DEPLOYMENT, APP_NAME).publish.remote().result(timeout_s=60)
+    except Exception as error:  # whatever Serve raised: the server stops or swaps all the same
+        print(f"shadow: the comparison was not logged ({error!r})", file=sys.stderr, flush=True)
+        return
+    if report is not None:
+        print(f"shadow: {report['challenger']} minus {report['champion']} on {report['n']} sequences: "
+              f"{report['difference']:+.4f} [{report['low']:+.4f}, {report['high']:+.4f}] nats per frame "
+              f"(95% CI, {report['kinds']})", flush=True)
 
 
 @contextmanager
@@ -104,13 +150,17 @@ def serving(options: ServeOptions) -> Iterator[dict[str, Any]]:
     try:
         serve.start(proxy_location=options.proxy_location, http_options=http_options(options))
         _run(options, user_config)
-        yield user_config
+        try:
+            yield user_config
+        finally:
+            publish_shadow(options)
     finally:
         serve.shutdown()
 
 
 def run_server(options: ServeOptions, on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; SIGHUP swaps to the URI's current version."""
+    """Serve until SIGINT/SIGTERM; SIGHUP (and, with ``follow_alias``, a moved alias) swaps
+    to the URI's current version."""
     stop, reload = threading.Event(), threading.Event()
     pid = pid_file(options.port)
     with ray_session(options.address, options.tracking_uri):
@@ -126,11 +176,22 @@ def run_server(options: ServeOptions, on_ready: Callable[[dict[str, Any]], None]
                 pid.write_text(str(os.getpid()))
                 if on_ready is not None:
                     on_ready(user_config)
+                follower = None
+                if options.follow_alias:
+                    follower = AliasFollower(options.model, options.tracking_uri, user_config["source"], options.poll_s, reload)
+                    follower.start()
                 while not stop.wait(0.2):
                     if reload.is_set():
                         reload.clear()
-                        user_config = swap(options)
+                        moved = follower.take() if follower else None
+                        if moved is not None and moved["source"] == user_config["source"]:
+                            continue  # polled while the last swap ran
+                        user_config = swap(options, moved)
+                        if follower:
+                            follower.served = user_config["source"]
                         print(f"swapped to {user_config['source']}", flush=True)
+                if follower:
+                    follower.stopped.set()
         finally:
             pid.unlink(missing_ok=True)
             for signum, handler in previous.items():

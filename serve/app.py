@@ -9,18 +9,24 @@ their models and written by them (``serve.schemas.write_answer``).
 The model comes from ``user_config`` (``{"source": "models:/NAME/VERSION" or a checkpoint
 directory, "tracking_uri": ...}``): ``reconfigure`` loads it and swaps it in at once, so a
 new version goes live in the running replica without failing an in-flight request (each
-request keeps the model it started with). ``score`` and ``decode`` requests of up to
-``BATCH_FRAMES`` frames are joined across requests by ``@serve.batch`` (no wait when the
-queue is empty); every request is validated on its own first, so one bad request never
-fails its batch. A batched answer equals the answer alone within float32 rounding, not to
-the last bit (a batch's matrix products take other kernels than one sequence's): per-step
-and total log-likelihoods within ``4 eps`` of the sequence's ``sum |per_step|`` (measured:
-1.1 eps at most), and the same decoded states. ``posterior`` is never batched.
+request keeps the model it started with, and every model answer names it in the header
+``x-pyrosweep-model``: NAME/VERSION, or the checkpoint directory's name). ``score`` and
+``decode`` requests of up to ``BATCH_FRAMES`` frames are joined across requests by
+``@serve.batch`` (no wait when the queue is empty); every request is validated on its
+own first, so one bad request never fails its batch. A batched answer equals the answer
+alone within float32 rounding, not to the last bit (a batch's matrix products take other
+kernels than one sequence's): per-step and total log-likelihoods within ``4 eps`` of the
+sequence's ``sum |per_step|`` (measured: 1.1 eps at most), and the same decoded states.
+``posterior`` is never batched.
 
 What a request may be (headers, body bytes, the time to send a body) is
 :mod:`serve.limits`. Bodies of more than ``INLINE_BYTES`` are parsed, and requests of more
 than ``BATCH_FRAMES`` frames computed and written, in a worker thread, so a large request
 holds a small one no longer than the small one's own work (the GIL is shared in turns).
+
+With ``--shadow`` the score route also mirrors what it answered to the challenger's
+deployment (:mod:`serve.mirror`, :mod:`serve.shadow`) without waiting for it, and
+``GET /v1/shadow`` reports the paired comparison.
 """
 
 import asyncio
@@ -39,10 +45,12 @@ from ray.serve import Application
 
 from .errors import RequestError
 from .limits import BodyLimits, HeaderGuard, read_body
+from .mirror import Mirror
 from .monitor import Measured, Monitor, pvalues_flag
 from .registry import pin_source
 from .schemas import (
     INPUT_REQUESTS,
+    NO_SHADOW,
     PROBLEMS,
     STREAM_PROBLEMS,
     DecodeAnswer,
@@ -57,12 +65,13 @@ from .schemas import (
     SampleAnswer,
     SampleRequest,
     ScoreAnswer,
+    ShadowReport,
     request_body,
     request_components,
     write_answer,
 )
 from .scoring import complete, compute, parse_inputs, read_json, sample_request
-from .source import actor_device, load_source, source_reference
+from .source import actor_device, load_source, served_as, source_reference
 from .scoring import sample as draw_samples
 from .streams import Streams, default_stream_key
 
@@ -71,6 +80,8 @@ BATCH_WAIT_S = 0.0  # a batch takes what has queued while the previous one ran, 
 BATCH_FRAMES = 4096  # a larger request is computed alone: in a batch it would hold the small ones
 INLINE_BYTES = 256 * 1024  # a smaller body is parsed on the event loop (a thread hop costs more)
 INLINE_FRAMES = 512  # a smaller batch is computed on the event loop (a few ms at most)
+MODEL_HEADER = "x-pyrosweep-model"  # the model that answered: NAME/VERSION or a checkpoint's name
+REPLICA_HEADER = "x-pyrosweep-replica"  # the replica that answered a stream's chunk
 
 api = FastAPI(
     title="pyrosweep",
@@ -101,10 +112,10 @@ def _frames(model: torch.nn.Module, inputs: list[np.ndarray]) -> int:
     return sum(map(len, inputs)) if model.data_kind == "sequences" else len(inputs)
 
 
-def _json(text: str) -> Response:
+def _json(text: str, model: torch.nn.Module) -> Response:
     """A JSON answer already written (by ``serve.schemas.write_answer``: the answer model
-    its route declares)."""
-    return Response(text, media_type="application/json")
+    its route declares) by ``model``, named in the ``MODEL_HEADER``."""
+    return Response(text, media_type="application/json", headers={MODEL_HEADER: model.served_as})
 
 
 def _score_inputs(model: torch.nn.Module, body: Any) -> tuple[list[np.ndarray], bool]:
@@ -135,9 +146,18 @@ async def _request_error(request: Request, error: RequestError) -> JSONResponse:
 class ModelServer:
     """One replica serving one model version at a time; ``body_limits`` are the fields of
     :class:`serve.limits.BodyLimits`; ``stream_key`` signs stream state tokens
-    (:mod:`serve.streams`: every replica of a deployment gets the same)."""
+    (:mod:`serve.streams`: every replica of a deployment gets the same); ``shadow``, the
+    handle of a :class:`serve.shadow.ShadowScorer` to mirror ``shadow_fraction`` of score
+    requests to."""
 
-    def __init__(self, max_batch_size: int = 16, body_limits: dict[str, Any] | None = None, stream_key: str = "") -> None:
+    def __init__(
+        self,
+        max_batch_size: int = 16,
+        body_limits: dict[str, Any] | None = None,
+        stream_key: str = "",
+        shadow: Any = None,
+        shadow_fraction: float = 1.0,
+    ) -> None:
         self.model: torch.nn.Module | None = None
         self.info: dict[str, Any] = {}
         self.streams: Streams | None = None
@@ -145,12 +165,14 @@ class ModelServer:
         self.body_limits = BodyLimits.model_validate(body_limits or {})
         self.stream_key = stream_key or default_stream_key()
         self._batched.set_max_batch_size(max_batch_size)
+        self.mirror = None if shadow is None else Mirror(shadow, shadow_fraction)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         model, info = load_source(config)
         model = model.to(actor_device())
+        model.served_as = served_as(info)  # read by each request from the model it started with
         info = {**info, "device": str(next(model.parameters()).device)}
-        monitor = Monitor(source_reference(config), f"{info['name']}/{info['version']}")
+        monitor = Monitor(source_reference(config), model.served_as)
         streams = Streams.of(model, info, self.stream_key, monitor)
         self.model, self.info, self.monitor, self.streams = model, info, monitor, streams
 
@@ -212,9 +234,13 @@ class ModelServer:
             inputs, pvalues = await self._read(model, request, partial(parse_inputs, model)), False
         if batched and _frames(model, inputs) <= BATCH_FRAMES:
             answer = await self._batched(model, method, inputs)
-            return _json(write_answer(method, _monitored(monitor, method, answer, inputs, pvalues)))
-        return _json(await asyncio.to_thread(lambda: write_answer(
-            method, _monitored(monitor, method, complete(model, method, compute(model, method, inputs)), inputs, pvalues))))
+            text = write_answer(method, _monitored(monitor, method, answer, inputs, pvalues))
+        else:
+            answer = await asyncio.to_thread(lambda: complete(model, method, compute(model, method, inputs)))
+            text = await asyncio.to_thread(lambda: write_answer(method, _monitored(monitor, method, answer, inputs, pvalues)))
+        if method == "score" and self.mirror is not None:
+            self.mirror.offer(model, inputs, answer["log_likelihood"])  # not awaited: the caller never waits for it
+        return _json(text, model)
 
     @api.post("/v1/score", response_model=ScoreAnswer, responses=PROBLEMS, openapi_extra=INPUTS)
     async def score(self, request: Request) -> Response:
@@ -236,14 +262,25 @@ class ModelServer:
         """``num_sequences`` draws of ``length`` frames: ``sequences`` and ``states``."""
         model = self._current()
         body = await self._read(model, request, partial(sample_request, model))
-        return _json(await asyncio.to_thread(lambda: write_answer("sample", draw_samples(model, body))))
+        return _json(await asyncio.to_thread(lambda: write_answer("sample", draw_samples(model, body))), model)
 
+    @api.get("/v1/shadow", response_model=ShadowReport, responses={**NO_SHADOW, 503: PROBLEMS[503]})
+    async def shadow(self) -> dict[str, Any]:
+        """Shadow traffic (``--shadow``): the challenger's NLL per frame minus the champion's on
+        the mirrored sequences (negative: the challenger is better), its 95% paired-bootstrap
+        interval and ``n``."""
+        model = self._current()
+        if self.mirror is None:
+            raise RequestError(404, "no shadow traffic: start pyrosweep serve with --shadow models:/NAME@challenger")
+        return await self.mirror.report(model)
 
     async def _streamed(self, method: str, request: Request) -> Response:
         model, streams = self._current(), self.streams
         body = await self._read(model, request, lambda body: body)
         text = await asyncio.to_thread(lambda: write_answer(method, getattr(streams, method)(body)))
-        return Response(text, media_type="application/json", headers={"x-pyrosweep-replica": self.replica})
+        response = _json(text, model)
+        response.headers[REPLICA_HEADER] = self.replica
+        return response
 
     @cached_property
     def replica(self) -> str:

@@ -292,6 +292,29 @@ class ModelDescription(BaseModel):
     parameters: dict[str, Any] = Field(description="named parameters as nested lists (none for a neural network)")
 
 
+class ShadowReport(BaseModel):
+    """``GET /v1/shadow``: the challenger against the champion on the score requests mirrored
+    to it (``serve.pairing``), per sequence (point) paired; ``difference`` is null until the
+    first pair."""
+
+    champion: str = Field(description="the served model, NAME/VERSION (a checkpoint directory's name)")
+    challenger: str = Field(description="the shadow model, NAME/VERSION")
+    n: int = Field(description="paired sequences (points) so far")
+    frames: int = Field(description="their frames (a point is one)")
+    difference: float | None = Field(
+        description="challenger NLL minus champion NLL per frame, nats: negative = the challenger is better"
+    )
+    low: float | None = Field(description="the paired bootstrap interval's lower end")
+    high: float | None = Field(description="its upper end")
+    level: float | None = Field(description="its level (0.95)")
+    kinds: str = Field(description="the challenger's score, then the champion's: 'exact vs exact', 'bound vs exact', ...")
+    like_for_like: bool = Field(description="false where either score is a bound: then the difference is no NLL difference")
+    logged_to: str | None = Field(description="the challenger's registry version whose tags hold the latest logged result")
+    pending: int = Field(description="mirrors sent and not yet scored (by the replica that answered)")
+    dropped: int = Field(description="sequences not mirrored because too many mirrors were pending")
+    failed: int = Field(description="mirrored requests the challenger failed to score (logged)")
+
+
 class Problem(BaseModel):
     detail: str = Field(description="what is wrong and where, e.g. 'sequences[3][17]: expected 88 values, got 87'")
 
@@ -308,6 +331,9 @@ STREAM_PROBLEMS: dict[int | str, dict[str, Any]] = {
     **PROBLEMS,
     409: {"model": Problem, "description": "a state token this server did not sign, or signed for another model version"},
 }
+
+
+NO_SHADOW: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "the server runs no shadow (--shadow)"}}
 
 
 def check_answer(method: str, answer: dict[str, Any]) -> dict[str, Any]:

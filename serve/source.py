@@ -31,6 +31,12 @@ def load_source(config: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]
     return model, {"name": Path(source).name, "version": None, "run_id": None, **saved, **describe(model)}
 
 
+def served_as(info: dict[str, Any]) -> str:
+    """How answers name the model of ``info`` (:func:`load_source`'s): NAME/VERSION, or a
+    checkpoint directory's name."""
+    return info["name"] if info["version"] is None else f"{info['name']}/{info['version']}"
+
+
 def source_reference(config: dict[str, Any]) -> np.ndarray | None:
     """The per-step NLL reference stored with ``config["source"]`` (:mod:`serve.monitor`),
     None where it has none."""

@@ -36,6 +36,7 @@ from serve.schemas import (
     MAX_FRAMES,
     MAX_SEQUENCES,
     METHODS,
+    STREAM_METHODS,
     GaussianPosteriorAnswer,
     LatentPathAnswer,
     MarginalsAnswer,
@@ -362,7 +363,8 @@ def test_openapi_declares_every_request_body_and_answer(server):
     url = f"{server['base']}/hmm"
     status, document = get(f"{url}/openapi.json")
     assert status == 200
-    routes = [("get", "/healthz"), ("get", "/v1/model"), *(("post", f"/v1/{method}") for method in METHODS)]
+    gets = [("get", f"/{path}") for path in ("healthz", "v1/model", "v1/shadow", "v1/monitor")]
+    routes = [*gets, *(("post", f"/v1/{method}") for method in METHODS + STREAM_METHODS)]
     assert {(m, p) for p, operations in document["paths"].items() for m in operations} == set(routes)
     for method, path in routes:
         operation = document["paths"][path][method]
@@ -375,7 +377,7 @@ def test_openapi_declares_every_request_body_and_answer(server):
             assert set(problem["properties"]) == {"detail"}
     score_body = document["paths"]["/v1/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     bodies = [resolved(document, option) for option in score_body["anyOf"]]
-    assert [set(b["properties"]) for b in bodies] == [{"sequences"}, {"points"}]
+    assert [set(b["properties"]) for b in bodies] == [{"sequences", "pvalues"}, {"points", "pvalues"}]
     assert bodies[0]["properties"]["sequences"]["maxItems"] == MAX_SEQUENCES
     with urllib.request.urlopen(f"{url}/docs", timeout=30) as page:
         assert page.status == 200 and b"swagger" in page.read().lower()

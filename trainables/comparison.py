@@ -17,6 +17,7 @@ import numpy as np
 
 RESAMPLES = 2000
 LEVEL = 0.95
+DRAWS_AT_ONCE = 1 << 21  # indices drawn per chunk of replicates (16 MB): a server's shadow pairs grow without end
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,10 @@ def paired_bootstrap(
     :param nll_b: ``(N,)`` B's, of the same sequences in the same order.
     :param frames: ``(N,)`` each sequence's frames (1 for points).
     :param seed: the resampling is seeded: the same inputs give the same interval.
+
+    Replicates are drawn in chunks of at most ``DRAWS_AT_ONCE`` indices, so memory stays
+    bounded for any ``N`` (time is ``O(resamples N)``); the chunks take the generator's
+    stream in order, so the draws equal one ``(resamples, N)`` draw.
     """
     nll_a, nll_b, frames = (np.asarray(values, dtype=np.float64) for values in (nll_a, nll_b, frames))
     if not (nll_a.shape == nll_b.shape == frames.shape) or nll_a.ndim != 1:
@@ -71,8 +76,11 @@ def paired_bootstrap(
         raise ValueError("a paired comparison needs at least one sequence")
     gap = nll_a - nll_b
     difference = float(gap.sum() / frames.sum())
-    draws = np.random.default_rng(seed).integers(0, count, size=(resamples, count))
-    replicates = gap[draws].sum(axis=1) / frames[draws].sum(axis=1)
+    rng, rows = np.random.default_rng(seed), max(1, DRAWS_AT_ONCE // count)
+    replicates = np.empty(resamples)
+    for start in range(0, resamples, rows):
+        draws = rng.integers(0, count, size=(min(rows, resamples - start), count))
+        replicates[start : start + len(draws)] = gap[draws].sum(axis=1) / frames[draws].sum(axis=1)
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(replicates, [tail, 1.0 - tail])
     return Comparison(difference, float(low), float(high), count, level)
