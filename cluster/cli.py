@@ -180,7 +180,7 @@ def cmd_ui(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from serve.limits import BodyLimits
 
-    from .serving import ServeOptions, run_server
+    from .serving import ServeOptions, metrics_export_port, run_server
 
     autoscale = None
     if args.autoscale:
@@ -209,6 +209,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         poll_s=args.poll_s,
         shadow=args.shadow,
         shadow_fraction=args.shadow_fraction,
+        metrics_port=args.metrics_port,
     )
     _log_to_file(args)
 
@@ -218,6 +219,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
               f"to the alias's new version", flush=True)
         if args.follow_alias:
             print(f"following {args.model}: the registry is asked every {args.poll_s:g} s", flush=True)
+        if not args.address:
+            print(f"Prometheus metrics at http://127.0.0.1:{metrics_export_port()}/metrics", flush=True)
         if args.shadow:
             print(f"mirroring {args.shadow_fraction:.0%} of score requests to {args.shadow} "
                   f"(GET /v1/shadow for the comparison)", flush=True)
@@ -432,6 +435,8 @@ def build_parser(tokens: Sequence[str] = ()) -> argparse.ArgumentParser:
                         help="Serve's end-to-end limit on one request, answer included (408; default: none)")
     served.add_argument("--keep-alive-timeout-s", type=int, default=None,
                         help="how long an idle connection stays open (default: Serve's, 90 s)")
+    served.add_argument("--metrics-port", type=int, default=None,
+                        help="where a local Ray serves the Prometheus metrics of the replicas (default: a free port, printed)")
     served.add_argument("--follow-alias", action="store_true",
                         help="watch the registry and swap whenever the --model alias (models:/NAME@ALIAS) moves")
     served.add_argument("--poll-s", type=float, default=10.0, help="seconds between registry polls of --follow-alias")

@@ -1,7 +1,8 @@
 """``pyrosweep demo``: the whole loop on embedded defaults (local Ray, the embedded MLflow
 store, local Serve): prepare ``jsb``, run a small sweep of each of two families (``hmm``,
 ``nnhmm``), promote the family whose best trial wins on the validation chorales, serve it
-on 127.0.0.1, score and decode two test chorales over HTTP, shut everything down."""
+on 127.0.0.1, score and decode two test chorales over HTTP, stream one through the filter
+with p-values, forecast the frames after it, read the drift monitor, shut everything down."""
 
 from __future__ import annotations
 
@@ -27,6 +28,15 @@ def _post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.load(response)
+
+
+def _stream(url: str, frames: list, chunk: int) -> list[dict]:
+    """The ``/v1/filter`` answers of ``frames`` sent ``chunk`` at a time, with p-values."""
+    answers: list[dict] = []
+    for start in range(0, len(frames), chunk):
+        state = {"state": answers[-1]["state"]} if answers else {}
+        answers.append(_post(f"{url}/v1/filter", {"frames": frames[start : start + chunk], "pvalues": True, **state}))
+    return answers
 
 
 def _winner(outcomes: dict[str, SweepOutcome]) -> str:
@@ -74,11 +84,23 @@ def run_demo(port: int = 8000) -> None:
             print(f"\n4. serving {model_uri} on {url}; two test chorales:", flush=True)
             scored = _post(f"{url}/v1/score", body)
             decoded = _post(f"{url}/v1/decode", body)
+            streamed = _stream(url, body["sequences"][0], chunk=8)
+            forecast = _post(f"{url}/v1/forecast", {"state": streamed[-1]["state"], "horizon": 4})
+            with urllib.request.urlopen(f"{url}/v1/monitor", timeout=60) as response:
+                monitor = json.load(response)
     for n, (log_likelihood, states) in enumerate(zip(scored["log_likelihood"], decoded["states"])):
         frames = len(states)
         print(f"   chorale {n}: {frames} frames, log_likelihood {log_likelihood:.2f} nats "
               f"({-log_likelihood / frames:.3f} per frame)")
         print(f"      Viterbi states: {' '.join(map(str, states[:24]))}{' ...' if frames > 24 else ''}")
+    steps = [step for answer in streamed for step in answer["per_step"]]
+    pvalues = sorted(p for answer in streamed for p in answer["pvalues"])
+    print(f"   chorale 0 as a stream, 8 frames a request (/v1/filter): log_likelihood {sum(steps):.2f} nats, "
+          f"median p-value {pvalues[len(pvalues) // 2]:.2f} against the validation frames")
+    keys = ", ".join(f"{sum(frame):.1f}" for frame in forecast["mean"])
+    print(f"   forecast of the next 4 frames (/v1/forecast): expected keys down {keys}")
+    print(f"   monitor (/v1/monitor): {monitor['window']} recent frames vs {monitor['reference_frames']} validation "
+          f"frames, KS statistic {monitor['statistic']:.3f}, drifted: {monitor['drifted']}")
     print("\n5. served and shut down. Browse the runs:")
     print(f"   pyrosweep runs --experiment {name}    or    pyrosweep ui   (store: {tracking_uri()})")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")

@@ -68,10 +68,11 @@ def _driver_logging() -> dict[str, Any]:
 
 
 @contextmanager
-def ray_session(address: str | None, tracking_uri: str) -> Iterator[None]:
+def ray_session(address: str | None, tracking_uri: str, metrics_port: int | None = None) -> Iterator[None]:
     """Ray for the block: the cluster at ``address`` (joined with the project's runtime
     env), a Ray already initialised in this process, or a local one started (and stopped)
-    here."""
+    here, exporting Prometheus metrics on ``metrics_port`` (a cluster's nodes export on
+    the port they were started with)."""
     if ray.is_initialized():
         yield
         return
@@ -83,7 +84,7 @@ def ray_session(address: str | None, tracking_uri: str) -> Iterator[None]:
     elif address:  # a Ray Job's driver: the job's runtime env already carries the project
         ray.init(address=address, **_driver_logging())
     else:  # "local": never join a Ray that happens to run on this machine
-        ray.init(address="local", include_dashboard=False, **_driver_logging())
+        ray.init(address="local", include_dashboard=False, _metrics_export_port=metrics_port, **_driver_logging())
     try:
         yield
     finally:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import ray
 from ray import serve
 
 from serve.app import ModelServer
@@ -61,6 +62,7 @@ class ServeOptions:
     # kept across swaps (a token of the old version gets a 409 all the same)
     stream_key: str = field(default_factory=default_stream_key, repr=False)
 
+    metrics_port: int | None = None  # a local Ray's Prometheus endpoint (default: a port Ray picks)
     follow_alias: bool = False  # swap whenever the alias of ``model`` moves, polled every poll_s
     poll_s: float = 10.0
     shadow: str | None = None  # the challenger, as ``model``: mirrored score requests, GET /v1/shadow
@@ -74,6 +76,13 @@ class ServeOptions:
             raise ValueError(f"--poll-s: expected seconds > 0, got {self.poll_s}")
         if not 0.0 < self.shadow_fraction <= 1.0:
             raise ValueError(f"--shadow-fraction: expected 0 < F <= 1, got {self.shadow_fraction}")
+
+
+def metrics_export_port() -> int:
+    """The port this process's Ray node serves its Prometheus metrics on (the replicas'
+    ``pyrosweep_*`` metrics among them: :mod:`serve.monitor`)."""
+    node = ray.get_runtime_context().get_node_id()
+    return next(int(info["MetricsExportPort"]) for info in ray.nodes() if info["NodeID"] == node)
 
 
 def pid_file(port: int) -> Path:
@@ -163,7 +172,7 @@ def run_server(options: ServeOptions, on_ready: Callable[[dict[str, Any]], None]
     to the URI's current version."""
     stop, reload = threading.Event(), threading.Event()
     pid = pid_file(options.port)
-    with ray_session(options.address, options.tracking_uri):
+    with ray_session(options.address, options.tracking_uri, options.metrics_port):
         # after ray.init (it installs handlers of its own), before anything is served
         previous = {
             signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: stop.set()),

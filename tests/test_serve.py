@@ -337,12 +337,14 @@ def test_non_finite_answers_are_written_as_pythons_json_writes_them(server):
 
 def test_the_answer_models_have_the_fields_of_the_contracts_results():
     """The JSON keys of an answer are the field names of the model's named result; an
-    answer about given inputs adds ``observed_values``, a score ``exact``."""
+    answer about given inputs adds ``observed_values``, a score ``exact`` (and ``pvalues``
+    when asked: serve.monitor)."""
     pairs = [(Scores, ScoreAnswer), (StatePath, StatePathAnswer), (LatentPath, LatentPathAnswer),
              (Marginals, MarginalsAnswer), (GaussianPosterior, GaussianPosteriorAnswer), (Samples, SampleAnswer)]
     for result, answer in pairs:
         observed = [] if result is Samples else ["observed_values"]
-        assert sorted(answer.model_fields) == sorted([*result._fields, *observed, *(["exact"] if result is Scores else [])])
+        extra = ["exact", "pvalues"] if result is Scores else []
+        assert sorted(answer.model_fields) == sorted([*result._fields, *observed, *extra])
 
 
 def resolved(document: dict, schema: dict) -> dict:
