@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import PYROSWEEP, free_port
 
-STORY = ("1. data", "2. sweep", "best trial", "3. promoted", "4. serving", "Viterbi states", "as a stream (/v1/filter)",
+STORY = ("1. data", "2. sweep", "best trial", "3. promoted", "4. serving", "Viterbi states", "as a stream",
          "forecast of the next 4 frames", "monitor (/v1/monitor)", "shut down", "demo finished")
 
 
