@@ -2,8 +2,8 @@
 
 The process runs until SIGINT or SIGTERM, then shuts Serve (and the Ray it started)
 down. SIGHUP (``pyrosweep swap --port PORT``) resolves the model URI again and moves the
-running deployment to the alias's new version through its ``user_config``: the replicas
-call ``reconfigure`` in place and no request fails. With ``--follow-alias`` the registry
+running deployment to the alias's new version through its ``user_config``: ``serve.run``
+starts replicas of the new version beside the old ones and no request fails. With ``--follow-alias`` the registry
 is polled and the same swap runs whenever the alias moves (:mod:`cluster.follow`).
 
 With ``--shadow URI`` the application holds a second deployment, the challenger
